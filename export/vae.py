@@ -1,0 +1,266 @@
+"""The Wan2.1 video VAE: causal 3D convolutions, 4x temporal and 8x spatial compression, 16 latent channels.
+
+Module names follow the official `Wan2.1_VAE.pth`. Every temporal operation is causal, so a video can be
+run whole (`cache=None`) or in chunks that carry a cache (a dict keyed by module holding the last input
+frames each causal conv saw). Both give the same function: the official chunking (encode 1, 4, 4, ...
+frames; decode 1 latent frame at a time) is one choice of chunks, and larger decode chunks trade memory
+for speed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from x2v.runtime.config import VAEConfig
+
+# Per-channel latent statistics of Wan2.1's VAE: latents are normalized as (mu - mean) / std.
+LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+               0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)  # fmt: skip
+LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+              3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)  # fmt: skip
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d padded only on the past side in time; with a cache, the past comes from the previous chunk."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        pt, ph, pw = self.padding
+        self.time_pad, self.space_pad = 2 * pt, (pw, pw, ph, ph)
+        self.padding = (0, 0, 0)
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        pad = self.time_pad
+        if cache is not None and pad > 0:
+            prev = cache.get(self)
+            if prev is not None:
+                pad -= prev.shape[2]
+                x = torch.cat([prev, x], dim=2)
+            cache[self] = x[:, :, -self.time_pad :].clone()
+        return super().forward(F.pad(x, (*self.space_pad, pad, 0)))
+
+
+class RMSNorm(nn.Module):
+    """Channel-first RMS norm (F.normalize * sqrt(dim) * gamma); `images` picks a 2D or 3D gamma shape."""
+
+    def __init__(self, dim: int, images: bool = True):
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1) * self.scale * self.gamma
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim, images=False), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim, images=False), nn.SiLU(), nn.Dropout(0.0), CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )  # fmt: skip
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        h = self.shortcut(x)
+        for layer in self.residual:
+            x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+        return x + h
+
+
+def per_frame(fn, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 2D op to every frame of [B, C, T, H, W]."""
+    b, t = x.shape[0], x.shape[2]
+    y = fn(x.transpose(1, 2).flatten(0, 1))
+    return y.unflatten(0, (b, t)).transpose(1, 2)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the pixels of each frame."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        q, k, v = self.to_qkv(self.norm(x)).flatten(2).transpose(1, 2)[:, None].chunk(3, dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(n, c, h, w)
+        return self.proj(y)
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        return x + per_frame(self._attend, x)
+
+
+class Resample(nn.Module):
+    """2x spatial up/down sampling; the 3d modes also double or halve time, leaving the first frame alone."""
+
+    def __init__(self, dim: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        if mode.startswith("upsample"):
+            up = nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact")
+            self.resample = nn.Sequential(up, nn.Conv2d(dim, dim // 2, 3, padding=1))
+        else:
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=(2, 2)))
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode == "downsample3d":
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        if self.mode == "upsample3d":
+            x = self._time_up(x, cache)
+        x = per_frame(self._spatial, x)
+        if self.mode == "downsample3d":
+            x = self._time_down(x, cache)
+        return x
+
+    def _spatial(self, f: torch.Tensor) -> torch.Tensor:
+        if self.mode.startswith("up"):
+            up, conv = self.resample
+            return conv(up(f.float()).to(f.dtype))  # upsample in float32 as the official code does
+        return self.resample(f)
+
+    def _time_up(self, x, cache):
+        # Frame 0 passes through; every later frame becomes two, from a causal conv whose history starts at
+        # frame 1 (zeros before it), exactly as the official chunked decode behaves.
+        first = cache is None or self not in cache
+        if cache is not None:
+            cache[self] = True
+        head, rest = (x[:, :, :1], x[:, :, 1:]) if first else (None, x)
+        parts = [] if head is None else [head]
+        if rest.shape[2]:
+            y = self.time_conv(rest, cache)  # [B, 2C, T, H, W]
+            b, c2, t, h, w = y.shape
+            parts.append(
+                y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+            )
+        return torch.cat(parts, dim=2)
+
+    def _time_down(self, x, cache):
+        # Frame 0 passes through; then a stride-2 conv over all frames (frame 0 included) with no padding.
+        prev = None if cache is None else cache.get(self)
+        head = x[:, :, :1] if prev is None else None
+        full = x if prev is None else torch.cat([prev, x], dim=2)
+        if cache is not None:
+            cache[self] = full[:, :, -1:].clone()
+        parts = [] if head is None else [head]
+        if full.shape[2] >= 3:
+            parts.append(self.time_conv(full))
+        return torch.cat(parts, dim=2)
+
+
+def _run(layers, x, cache):
+    for layer in layers:
+        x = (
+            layer(x, cache)
+            if isinstance(layer, (CausalConv3d, ResidualBlock, AttentionBlock, Resample))
+            else layer(x)
+        )
+    return x
+
+
+class Encoder3d(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        dims = [cfg.dim * u for u in (1, *cfg.dim_mult)]
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        layers = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i != len(cfg.dim_mult) - 1:
+                layers.append(
+                    Resample(out_dim, "downsample3d" if cfg.temperal_downsample[i] else "downsample2d")
+                )
+        self.downsamples = nn.Sequential(*layers)
+        self.middle = nn.Sequential(
+            ResidualBlock(out_dim, out_dim), AttentionBlock(out_dim), ResidualBlock(out_dim, out_dim)
+        )
+        self.head = nn.Sequential(
+            RMSNorm(out_dim, images=False), nn.SiLU(), CausalConv3d(out_dim, cfg.z_dim * 2, 3, padding=1)
+        )
+
+    def forward(self, x, cache=None):
+        return _run([self.conv1, *self.downsamples, *self.middle, *self.head], x, cache)
+
+
+class Decoder3d(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        mult = cfg.dim_mult
+        dims = [cfg.dim * u for u in (mult[-1], *mult[::-1])]
+        temperal_upsample = cfg.temperal_downsample[::-1]
+        self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
+        self.middle = nn.Sequential(
+            ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]), ResidualBlock(dims[0], dims[0])
+        )
+        layers = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                in_dim //= 2  # the previous upsample's conv halved the channels
+            for _ in range(cfg.num_res_blocks + 1):
+                layers.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if i != len(mult) - 1:
+                layers.append(Resample(out_dim, "upsample3d" if temperal_upsample[i] else "upsample2d"))
+        self.upsamples = nn.Sequential(*layers)
+        self.head = nn.Sequential(
+            RMSNorm(out_dim, images=False), nn.SiLU(), CausalConv3d(out_dim, 3, 3, padding=1)
+        )
+
+    def forward(self, x, cache=None):
+        return _run([self.conv1, *self.middle, *self.upsamples, *self.head], x, cache)
+
+
+class WanVAE(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder3d(cfg)
+        self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
+        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
+        self.decoder = Decoder3d(cfg)
+
+    def _stats(self, x):
+        mean = torch.tensor(LATENT_MEAN[: self.cfg.z_dim], device=x.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(LATENT_STD[: self.cfg.z_dim], device=x.device).view(1, -1, 1, 1, 1)
+        return mean, std
+
+    def encode(self, video: torch.Tensor, chunked: bool = True) -> torch.Tensor:
+        """video [B, 3, 4k+1, H, W] in [-1, 1] -> normalized latent mean [B, z, k+1, H/8, W/8] float32."""
+        t = video.shape[2]
+        if (t - 1) % 4:
+            raise ValueError(f"the VAE encodes 4k+1 frames, got {t}")
+        if chunked:  # the official 1, 4, 4, ... chunks: memory bounded by 4 frames
+            cache, edges = {}, [0, 1, *range(5, t + 1, 4)]
+            out = torch.cat(
+                [self.encoder(video[:, :, a:b], cache) for a, b in zip(edges[:-1], edges[1:])], dim=2
+            )
+        else:
+            out = self.encoder(video)
+        mu = self.conv1(out).chunk(2, dim=1)[0].float()
+        mean, std = self._stats(mu)
+        return (mu - mean) / std
+
+    def decode(self, z: torch.Tensor, chunk: int | None = 1) -> torch.Tensor:
+        """normalized latent [B, z, T, h, w] -> video [B, 3, 4(T-1)+1, 8h, 8w] in [-1, 1].
+
+        chunk: latent frames per decoder pass (1 as the official code; None decodes the whole sequence).
+        """
+        mean, std = self._stats(z)
+        x = self.conv2((z.float() * std + mean).to(self.conv2.weight.dtype))
+        if chunk is None:
+            out = self.decoder(x)
+        else:
+            cache = {}
+            out = torch.cat(
+                [self.decoder(x[:, :, i : i + chunk], cache) for i in range(0, x.shape[2], chunk)], dim=2
+            )
+        return out.float().clamp_(-1, 1)

@@ -1,0 +1,85 @@
+"""`x2v`: the runtime side. `x2v generate` turns an image and a prompt into an MP4."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+
+def _fail(e: Exception) -> None:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Run Wan2.1 video generation from a checkpoint or prebuilt engines."""
+
+
+@main.command()
+@click.option(
+    "--ckpt", type=click.Path(path_type=Path), required=True, help="checkpoint directory (official layout)"
+)
+@click.option("--model", default="tiny", show_default=True, help="model config name or YAML path")
+@click.option("--image", type=click.Path(path_type=Path), default=None, help="first frame (I2V models)")
+@click.option("--prompt", required=True)
+@click.option("--negative-prompt", default=None, help="default: Wan's negative prompt")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out.mp4"), show_default=True)
+@click.option("--steps", type=int, default=None, help="default: the model's")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--frames", type=int, default=None, help="4k+1; default: the model's")
+@click.option("--height", type=int, default=None, help="multiple of 16 (I2V: sets the pixel area)")
+@click.option("--width", type=int, default=None, help="multiple of 16 (I2V: sets the pixel area)")
+@click.option("--teacache", type=float, default=0.0, show_default=True, help="TeaCache threshold (0: off)")
+@click.option("--teacache-signal", type=click.Choice(["e", "e0"]), default="e", show_default=True)
+@click.option(
+    "--sequential-cfg", is_flag=True, help="run the two guidance passes one after the other (less memory)"
+)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--attn", type=click.Choice(["sdpa", "sage"]), default="sdpa", show_default=True)
+@click.option(
+    "--save-latents",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="also save final latents (.safetensors)",
+)
+def generate(ckpt, model, image, prompt, negative_prompt, out, steps, seed, frames, height, width, teacache,
+             teacache_signal, sequential_cfg, device, attn, save_latents):  # fmt: skip
+    """Generate a video and write it as MP4."""
+    from tqdm import tqdm
+
+    from x2v.runtime.checkpoint import CheckpointError
+    from x2v.runtime.config import ConfigError, load_model_config
+    from x2v.runtime.pipeline import InputError, Pipeline, check_request
+
+    try:  # everything cheap first: a bad request fails before any weight is read
+        cfg = load_model_config(model)
+        s = cfg.sample
+        check_request(cfg, image, prompt, frames or s.frames, height or s.height, width or s.width)
+        if not Path(ckpt).is_dir():
+            raise InputError(f"checkpoint directory not found: {ckpt}")
+        pipe = Pipeline.load(ckpt, cfg, device=device, attn=attn)
+        n = steps or s.num_steps
+        with tqdm(total=n, desc="denoise", unit="step") as bar:
+            result = pipe.generate(image=image, prompt=prompt, negative_prompt=negative_prompt, steps=steps, seed=seed,
+                                   teacache=teacache, teacache_signal=teacache_signal, frames=frames, height=height,
+                                   width=width, batch_cfg=not sequential_cfg, progress=lambda i: bar.update())  # fmt: skip
+    except (ConfigError, CheckpointError, InputError, FileNotFoundError) as e:
+        _fail(e)
+    from x2v.runtime.video import write_mp4
+
+    write_mp4(result.frames, out, fps=s.fps)
+    if save_latents:
+        from safetensors.torch import save_file
+
+        save_file({"latents": result.latents.cpu().contiguous()}, str(save_latents))
+    if result.teacache:
+        click.echo(result.teacache)
+    t, h, w, _ = result.frames.shape
+    click.echo(f"wrote {out} ({t} frames {w}x{h}): {result.summary()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Model configs: small YAML files under configs/models, read into frozen dataclasses.
+
+A key the dataclass does not know is an error naming the key and the file, so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# Wan's default negative prompt (wan/configs/shared_config.py), used when the caller gives none.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+class ConfigError(ValueError):
+    """A config file or name is wrong; the message says which and where."""
+
+
+@dataclass(frozen=True)
+class Files:
+    dit: str = "diffusion_pytorch_model"
+    vae: str = "Wan2.1_VAE.pth"
+    t5: str = "models_t5_umt5-xxl-enc-bf16.pth"
+    clip: str | None = None
+    tokenizer: str = "google/umt5-xxl/tokenizer.json"
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    model_type: str = "t2v"  # "t2v" or "i2v"
+    in_dim: int = 16
+    dim: int = 5120
+    ffn_dim: int = 13824
+    freq_dim: int = 256
+    text_dim: int = 4096
+    out_dim: int = 16
+    num_heads: int = 40
+    num_layers: int = 40
+    text_len: int = 512
+    clip_dim: int = 1280
+    clip_tokens: int = 257
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def i2v(self) -> bool:
+        return self.model_type == "i2v"
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+
+
+@dataclass(frozen=True)
+class T5Config:
+    vocab: int = 256384
+    dim: int = 4096
+    dim_attn: int = 4096
+    dim_ffn: int = 10240
+    num_heads: int = 64
+    num_layers: int = 24
+    num_buckets: int = 32
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    image_size: int = 224
+    patch_size: int = 14
+    dim: int = 1280
+    mlp_ratio: int = 4
+    num_heads: int = 16
+    num_layers: int = 32
+    out_dim: int = 1024
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    solver: str = "unipc"  # "unipc" (flow-matching UniPC, bh2) or "euler" (step-distilled models)
+    steps: int = 50
+    timesteps: tuple[int, ...] = ()  # euler only: the distilled timesteps out of 1000
+    shift: float = 5.0
+    guide_scale: float = 5.0  # 1.0: no classifier-free guidance (one DiT pass a step)
+    height: int = 480
+    width: int = 832
+    frames: int = 81
+    fps: int = 16
+    teacache: str | None = None  # coefficient set in configs/teacache/wan2.1.yaml
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps) if self.solver == "euler" else self.steps
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    description: str = ""
+    files: Files = field(default_factory=Files)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    t5: T5Config = field(default_factory=T5Config)
+    clip: CLIPConfig | None = None
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def _build(cls, data, where: str):
+    """Build dataclass `cls` from a dict, refusing unknown keys; nested dataclasses are built the same way."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, found {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r} for {cls.__name__} (known: {', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        inner = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        target = hint if dataclasses.is_dataclass(hint) else (inner[0] if inner else None)
+        if target is not None and value is not None:
+            value = _build(target, value, f"{where}: {key}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def known_models() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
+
+
+def load_model_config(name_or_path: str | Path) -> ModelConfig:
+    """A model by name (configs/models/<name>.yaml) or by path to a YAML file."""
+    import yaml
+
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_DIR / "models" / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise ConfigError(
+                f"unknown model {str(name_or_path)!r}; known models: {', '.join(known_models())}"
+            )
+    elif not path.exists():
+        raise ConfigError(f"model config {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = {"name": path.stem, **(data or {})}
+    if data.get("clip") is not None and data["clip"] == {}:
+        data["clip"] = {}
+    cfg = _build(ModelConfig, data, str(path))
+    _check(cfg, path)
+    return cfg
+
+
+def _check(cfg: ModelConfig, path: Path) -> None:
+    d = cfg.dit
+    if d.model_type not in ("t2v", "i2v"):
+        raise ConfigError(f"{path}: dit.model_type must be 't2v' or 'i2v', found {d.model_type!r}")
+    if d.dim % d.num_heads or d.head_dim % 2:
+        raise ConfigError(f"{path}: dit.dim {d.dim} must split into {d.num_heads} heads of even size")
+    if d.i2v and (cfg.clip is None or cfg.files.clip is None):
+        raise ConfigError(f"{path}: an i2v model needs a clip section and files.clip")
+    if cfg.sample.solver not in ("unipc", "euler"):
+        raise ConfigError(f"{path}: sample.solver must be 'unipc' or 'euler', found {cfg.sample.solver!r}")
+    if cfg.sample.solver == "euler" and not cfg.sample.timesteps:
+        raise ConfigError(f"{path}: sample.timesteps is required with the euler solver")
+
+
+def load_teacache_coefficients(name: str, signal: str) -> tuple[float, ...]:
+    """Published TeaCache polynomial for a model family; signal is 'e' or 'e0'."""
+    import yaml
+
+    path = CONFIG_DIR / "teacache" / "wan2.1.yaml"
+    sets = yaml.safe_load(path.read_text())
+    if name not in sets:
+        raise ConfigError(f"{path}: no TeaCache coefficients {name!r} (known: {', '.join(sorted(sets))})")
+    return tuple(float(c) for c in sets[name][signal])

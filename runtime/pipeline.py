@@ -1,0 +1,204 @@
+"""`Pipeline`: load once, generate many times. The Python API a service embeds; the CLI sits on top.
+
+pipe = Pipeline.load("ckpt", model="i2v-14b-480p", device="cuda")
+result = pipe.generate(image="cat.png", prompt="a cat walks on the beach", seed=42, teacache=0.2)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from x2v.runtime.config import WAN_NEGATIVE_PROMPT, ModelConfig, load_model_config, load_teacache_coefficients
+from x2v.runtime.denoise import Conditioning, denoise
+from x2v.runtime.sampler import euler_schedule, make_sampler, unipc_schedule
+from x2v.runtime.teacache import plan as teacache_plan
+
+
+class InputError(ValueError):
+    """A generate() argument is invalid; raised before any heavy work."""
+
+
+@dataclass
+class Result:
+    frames: np.ndarray  # [T, H, W, 3] uint8
+    latents: torch.Tensor  # [1, z, T', h, w] float32, before decoding
+    timings: dict[str, float] = field(default_factory=dict)
+    steps_computed: int = 0
+    steps_total: int = 0
+    teacache: str = ""
+
+    def summary(self) -> str:
+        t = self.timings
+        mem = f", peak {t['peak_gb']:.2f} GB" if "peak_gb" in t else ""
+        return (
+            f"load {t.get('load_s', 0):.2f} s, encode {t['encode_s']:.2f} s, denoise {t['denoise_s']:.2f} s "
+            f"({self.steps_computed}/{self.steps_total} steps computed), decode {t['decode_s']:.2f} s{mem}"
+        )
+
+
+def check_request(cfg: ModelConfig, image, prompt: str, frames: int, height: int, width: int) -> None:
+    """Every cheap check of a request, so bad input fails in milliseconds with a one-line message."""
+    if frames < 1 or (frames - 1) % 4:
+        raise InputError(f"frames must be 4k+1 (1, 5, ..., 81), got {frames}")
+    if height % 16 or width % 16 or height <= 0 or width <= 0:
+        raise InputError(f"height and width must be positive multiples of 16, got {height}x{width}")
+    if not prompt or not prompt.strip():
+        raise InputError("the prompt is empty; this model is conditioned on text")
+    if cfg.dit.i2v:
+        if image is None:
+            raise InputError(f"model {cfg.name} is image-to-video: give an image")
+        if not isinstance(image, torch.Tensor):
+            load_image(image)
+    elif image is not None:
+        raise InputError(f"model {cfg.name} is text-to-video: it takes no image")
+
+
+def load_image(image) -> torch.Tensor:
+    """A path or PIL image -> [3, H, W] float32 in [-1, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise InputError(f"image not found: {path}")
+        try:
+            image = Image.open(path)
+            image.load()
+        except (UnidentifiedImageError, OSError) as e:
+            raise InputError(f"unreadable image {path}: {e}") from None
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def i2v_size(image_hw: tuple[int, int], max_area: int, stride: int = 8, patch: int = 2) -> tuple[int, int]:
+    """Wan's I2V output size: the image's aspect ratio at about `max_area` pixels, in multiples of 16."""
+    aspect = image_hw[0] / image_hw[1]
+    lat_h = round(math.sqrt(max_area * aspect) // stride // patch * patch)
+    lat_w = round(math.sqrt(max_area / aspect) // stride // patch * patch)
+    return lat_h * stride, lat_w * stride
+
+
+def i2v_mask(frames: int, lat_h: int, lat_w: int) -> torch.Tensor:
+    """[4, T', h, w]: 1 on the latent slots that hold the given first frame (4 per latent frame), else 0."""
+    msk = torch.zeros(frames + 3, lat_h, lat_w)
+    msk[:4] = 1
+    return msk.view((frames + 3) // 4, 4, lat_h, lat_w).transpose(0, 1)
+
+
+class Pipeline:
+    def __init__(self, cfg: ModelConfig, parts: dict, device: str, load_s: float = 0.0):
+        self.cfg, self.device, self.load_s = cfg, torch.device(device), load_s
+        self.tokenizer, self.t5, self.clip, self.vae, self.dit = (
+            parts.get(k) for k in ("tokenizer", "t5", "clip", "vae", "dit")
+        )
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+    @classmethod
+    def load(cls, ckpt: Path, model: str | ModelConfig = "tiny", device: str = "cpu", dtype=None, attn: str = "sdpa",
+             sensitive_fp32: bool = False) -> Pipeline:  # fmt: skip
+        """Torch backend: the export-side models loaded from a checkpoint directory."""
+        from x2v.export.load import load_dit, load_part
+        from x2v.runtime.tokenizer import Tokenizer
+
+        t0 = time.perf_counter()
+        cfg = model if isinstance(model, ModelConfig) else load_model_config(model)
+        dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        parts = {
+            "tokenizer": Tokenizer(Path(ckpt) / cfg.files.tokenizer, cfg.dit.text_len),
+            "dit": load_dit(ckpt, cfg, dtype=dtype, sensitive_fp32=sensitive_fp32, device=device, attn=attn),
+            "vae": load_part("vae", ckpt, cfg, dtype=dtype, device=device),
+            "t5": load_part("t5", ckpt, cfg, dtype=dtype, device=device),
+        }
+        if cfg.dit.i2v:
+            parts["clip"] = load_part("clip", ckpt, cfg, dtype=dtype, device=device)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        return cls(cfg, parts, device, time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def encode(self, image, prompt: str, negative_prompt: str, frames: int, height: int, width: int):
+        """-> (cond, uncond, latent shape) on the device."""
+        ids, mask = self.tokenizer([prompt, negative_prompt])
+        context = self.t5(ids.to(self.device), mask.to(self.device))
+        cond, uncond = Conditioning(context[:1]), Conditioning(context[1:])
+        lat_t = (frames - 1) // 4 + 1
+        if not self.cfg.dit.i2v:
+            return cond, uncond, (1, self.cfg.vae.z_dim, lat_t, height // 8, width // 8)
+        img = (image if isinstance(image, torch.Tensor) else load_image(image)).to(self.device)
+        h, w = i2v_size(img.shape[1:], height * width)
+        clip_fea = self.clip(img[None].to(self.dtype))
+        first = torch.nn.functional.interpolate(img[None].float(), size=(h, w), mode="bicubic")[:, :, None]
+        video = torch.cat([first, first.new_zeros(1, 3, frames - 1, h, w)], dim=2)
+        y = torch.cat(
+            [i2v_mask(frames, h // 8, w // 8).to(self.device)[None], self.vae.encode(video.to(self.dtype))],
+            dim=1,
+        )
+        cond, uncond = replace(cond, clip_fea=clip_fea, y=y), replace(uncond, clip_fea=clip_fea, y=y)
+        return cond, uncond, (1, self.cfg.vae.z_dim, lat_t, h // 8, w // 8)
+
+    @torch.no_grad()
+    def generate(self, image=None, prompt: str = "", negative_prompt: str | None = None, steps: int | None = None,
+                 seed: int = 0, teacache: float = 0.0, teacache_signal: str = "e", guide_scale: float | None = None,
+                 shift: float | None = None, frames: int | None = None, height: int | None = None,
+                 width: int | None = None, batch_cfg: bool = True, decode_chunk: int | None = 1,
+                 progress=None) -> Result:  # fmt: skip
+        s = self.cfg.sample
+        frames, height, width = frames or s.frames, height or s.height, width or s.width
+        guide_scale = s.guide_scale if guide_scale is None else guide_scale
+        check_request(self.cfg, image, prompt, frames, height, width)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        timings = {"load_s": self.load_s}
+
+        t0 = time.perf_counter()
+        cond, uncond, shape = self.encode(
+            image, prompt, negative_prompt or WAN_NEGATIVE_PROMPT, frames, height, width
+        )
+        timings["encode_s"] = self._lap(t0)
+
+        shift = s.shift if shift is None else shift
+        if s.solver == "euler":
+            schedule = euler_schedule(s.timesteps, shift)
+        else:
+            schedule = unipc_schedule(steps or s.steps, shift)
+        plan = None
+        if teacache > 0:
+            if s.teacache is None:
+                raise InputError(
+                    f"model {self.cfg.name} has no TeaCache coefficients (sample.teacache in its config)"
+                )
+            coeffs = load_teacache_coefficients(s.teacache, teacache_signal)
+            plan = teacache_plan(
+                self.dit.time, schedule.timesteps, coeffs, teacache, teacache_signal, self.device
+            )
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        noise = torch.randn(shape, generator=gen, device=self.device, dtype=torch.float32)
+
+        t0 = time.perf_counter()
+        latents = denoise(self.dit, noise, schedule, make_sampler(s.solver, schedule), cond,
+                          uncond if guide_scale != 1.0 else None, guide_scale, plan, batch_cfg, progress)  # fmt: skip
+        timings["denoise_s"] = self._lap(t0)
+
+        t0 = time.perf_counter()
+        video = self.vae.decode(latents.to(self.dtype), chunk=decode_chunk)[0]
+        from x2v.runtime.video import to_uint8
+
+        frames_u8 = to_uint8(video)
+        timings["decode_s"] = self._lap(t0)
+        if self.device.type == "cuda":
+            timings["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        n = len(schedule.timesteps)
+        return Result(
+            frames_u8, latents, timings, plan.computed if plan else n, n, plan.describe() if plan else ""
+        )
+
+    def _lap(self, t0: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0

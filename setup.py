@@ -1,0 +1,40 @@
+"""x2v: compiled-engine export and runtime for Wan2.1 video generation.
+
+The top-level folders are installed as subpackages of one `x2v` namespace, so `import x2v.export` works
+after `pip install .` while the repository keeps the flat layout users browse.
+"""
+
+from setuptools import setup
+
+SUBPACKAGES = ["export", "runtime", "plugins", "calibration", "configs"]
+
+setup(
+    name="x2v",
+    version="0.1.0",
+    description="Export Wan2.1 to per-GPU engines (FP8, SageAttention) and run them in a lean runtime",
+    python_requires=">=3.10",
+    packages=[f"x2v.{p}" for p in SUBPACKAGES],
+    package_dir={f"x2v.{p}": p for p in SUBPACKAGES},
+    package_data={"x2v.configs": ["models/*.yaml", "gpus/*.yaml", "teacache/*.yaml", "example.png"]},
+    install_requires=[
+        "torch>=2.5",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "click>=8",
+        "tqdm>=4",
+        "numpy>=1.24",
+        "pillow>=10",
+        "tokenizers>=0.15",
+        "av>=12",
+    ],
+    extras_require={
+        "export": ["onnx>=1.16", "onnxruntime>=1.18", "nvidia-modelopt>=0.20"],
+        "test": ["pytest>=8", "diffusers>=0.32", "onnx>=1.16", "onnxruntime>=1.18", "ruff>=0.6"],
+    },
+    entry_points={
+        "console_scripts": [
+            "x2v-export=x2v.export.cli:main",
+            "x2v=x2v.runtime.cli:main",
+        ]
+    },
+)
