@@ -1,0 +1,152 @@
+"""x2v's SageAttention: one op for torch eager, torch.compile, AOTInductor, ONNX and TensorRT.
+
+`sage_attention(q, k, v)` takes [B, L, H, D] tensors (the DiT's layout) and returns the same shape. On a
+GPU the kernels cover (sm89+, bf16/fp16, head dim 64 or 128) it runs `torch.ops.x2v.sage_attention`, a
+`torch.library.triton_op` whose Triton kernels (plugins/sage_kernels.py) trace into compiled graphs and
+AOTInductor packages; elsewhere it falls back to SDPA and says so once in the log.
+
+`sage_reference` computes the same quantized math in plain torch (any device): it is the specification
+the kernels are tested against, and what the ONNX custom node means.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("x2v.sage")
+
+BLOCK_N = 128  # key block of the attention kernel and granularity of K's scales
+P_SCALE = 448.0
+SUPPORTED_HEAD_DIMS = (64, 128)
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("SageAttention not used (%s): falling back to SDPA", reason)
+
+
+def unsupported_reason(q: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot run on these inputs, or None if they can."""
+    if q.device.type != "cuda":
+        return f"device {q.device.type}"
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"dtype {q.dtype}"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {q.shape[-1]}"
+    major, minor = torch.cuda.get_device_capability(q.device)
+    if (major, minor) < (8, 9):
+        return f"compute capability {major}.{minor} has no FP8 tensor cores"
+    return None
+
+
+def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Non-causal attention, q [B, Lq, H, D], k and v [B, Lk, H, D] -> [B, Lq, H, D]."""
+    reason = unsupported_reason(q)
+    if reason is None:
+        return torch.ops.x2v.sage_attention(q, k, v)
+    _warn_once(reason)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+# The quantized math, in plain torch: the reference for the kernels and the meaning of the ONNX node.
+
+
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= 0, torch.floor(x + 0.5), torch.ceil(x - 0.5))
+
+
+def quantize_q(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, L, H, D] -> int8 values [B, H, L, D] and per-token scales [B, H, L] (softmax scale * log2 e folded in)."""
+    x = q.float().transpose(1, 2) * (q.shape[-1] ** -0.5 * math.log2(math.e))
+    scale = x.abs().amax(-1).clamp(min=1e-12) / 127.0
+    return round_half_away(x / scale[..., None]).to(torch.int8), scale
+
+
+def quantize_k(k: torch.Tensor, block: int = BLOCK_N) -> tuple[torch.Tensor, torch.Tensor]:
+    """k [B, L, H, D] -> smoothed int8 values [B, H, L, D] and one scale per `block` tokens [B, H, L/block]."""
+    x = k.float().transpose(1, 2)
+    x = x - x.mean(dim=2, keepdim=True)
+    b, h, n, d = x.shape
+    pad = -n % block
+    blocks = F.pad(x, (0, 0, 0, pad)).view(b, h, -1, block, d)
+    scale = blocks.abs().amax(dim=(-1, -2)).clamp(min=1e-12) / 127.0
+    vals = round_half_away(blocks / scale[..., None, None]).to(torch.int8).view(b, h, -1, d)[:, :, :n]
+    return vals, scale
+
+
+def quantize_v(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """v [B, L, H, D] -> FP8 E4M3 values [B, H, L, D] and per-channel scales [B, H, D]."""
+    x = v.float().transpose(1, 2)
+    scale = x.abs().amax(dim=2).clamp(min=1e-12) / 448.0
+    return (x / scale[:, :, None]).to(torch.float8_e4m3fn), scale
+
+
+def sage_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = BLOCK_N) -> torch.Tensor:
+    """What the kernels compute (up to summation order), materializing the score matrix: for tests."""
+    qi, qs = quantize_q(q)
+    ki, ks = quantize_k(k, block)
+    vf, vs = quantize_v(v)
+    ks_tok = ks.repeat_interleave(block, dim=-1)[..., : k.shape[1]]
+    s = (qi.float() @ ki.float().transpose(-1, -2)) * qs[..., None] * ks_tok[..., None, :]  # log2 domain
+    p = torch.exp2(s - s.amax(-1, keepdim=True))
+    l_sum = p.sum(-1, keepdim=True)
+    p8 = (p * P_SCALE).to(torch.float8_e4m3fn).float()
+    out = (p8 @ vf.float()) * (vs[:, :, None] / P_SCALE) / l_sum
+    return out.transpose(1, 2).to(q.dtype)
+
+
+# The registered op. Its body only runs on CUDA tensors; the fake implementation gives shapes for tracing.
+
+
+@torch.library.triton_op("x2v::sage_attention", mutates_args={})
+def _sage_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from torch.library import wrap_triton
+
+    from x2v.plugins import sage_kernels as K
+
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    nkb = triton_cdiv(lk, BLOCK_N)
+    l_pad = nkb * BLOCK_N
+    q8 = torch.empty((b, h, lq, d), dtype=torch.int8, device=q.device)
+    qs = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    k8 = torch.empty((b, h, lk, d), dtype=torch.int8, device=q.device)
+    ks = torch.empty((b, h, nkb), dtype=torch.float32, device=q.device)
+    v8 = torch.empty((b, h, d, l_pad), dtype=torch.float8_e4m3fn, device=q.device)
+    k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()  # [B, H, D]
+    v_scale = (v.abs().amax(dim=1).float().clamp(min=1e-12) / P_SCALE).contiguous()  # [B, H, D]
+    sm = d**-0.5 * math.log2(math.e)
+    qb = 128
+    wrap_triton(K.quant_q_kernel)[(triton_cdiv(lq, qb), b * h)](
+        q, q8, qs, lq, h, q.stride(0), q.stride(1), q.stride(2), q8.stride(0), q8.stride(1), q8.stride(2), sm,
+        BLOCK=qb, D=d)  # fmt: skip
+    wrap_triton(K.quant_k_kernel)[(nkb, b * h)](
+        k, k_mean, k8, ks, lk, h, nkb, k.stride(0), k.stride(1), k.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
+        BLOCK=BLOCK_N, D=d)  # fmt: skip
+    wrap_triton(K.quant_v_kernel)[(nkb, b * h)](
+        v, v_scale, v8, lk, l_pad, h, v.stride(0), v.stride(1), v.stride(2), BLOCK=BLOCK_N, D=d)  # fmt: skip
+    out = torch.empty_like(q)
+
+    def grid(meta):
+        return (triton_cdiv(lq, meta["BLOCK_M"]), b * h)
+
+    wrap_triton(K.attn_kernel)[grid](
+        q8, k8, v8, qs, ks, v_scale, out, lq, lk, l_pad, h, nkb,
+        q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), D=d, BLOCK_N=BLOCK_N)  # fmt: skip
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+@_sage_attention_op.register_fake
+def _(q, k, v):
+    return torch.empty_like(q)

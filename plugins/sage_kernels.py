@@ -1,0 +1,135 @@
+"""Triton kernels of x2v's SageAttention (sm89/sm90): quantize Q, K, V, then attend.
+
+- Q: INT8, one scale per token, softmax scale and log2(e) folded in (so the kernel uses exp2).
+- K: mean over tokens subtracted (softmax is invariant to it), then INT8 with one scale per BLOCK_N tokens.
+- V: FP8 E4M3 with one scale per channel, stored transposed ([D, L]) because Hopper's FP8 MMA wants the
+  reduction dimension contiguous in both operands.
+- Attention: Q.K^T as an INT8 dot (exact int32), online softmax in fp32, P scaled by 448 into FP8, P.V as
+  an FP8 dot into a fresh accumulator that is added to the fp32 running sum once per key block: the
+  two-level accumulation that keeps Hopper's reduced-precision FP8 accumulator from drifting.
+
+Imported only where Triton and a CUDA GPU exist; x2v.plugins.sage_attention is the entry point.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+P_SCALE = 448.0  # largest finite E4M3 value: P in [0, 1] maps onto the full FP8 range
+
+
+@triton.jit
+def _round_half_away(x):
+    return tl.where(x >= 0, x + 0.5, x - 0.5)
+
+
+@triton.jit
+def quant_q_kernel(X, Out, Scale, L, H, s_xb, s_xl, s_xh, s_ob, s_oh, s_ol, sm_scale,
+                   BLOCK: tl.constexpr, D: tl.constexpr):  # fmt: skip
+    """[B, L, H, D] (any strides, last contiguous) -> int8 [B, H, L, D] and per-token scales [B, H, L]."""
+    pid_l, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    offs_l = pid_l * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    mask = offs_l[:, None] < L
+    x = tl.load(X + b * s_xb + h * s_xh + offs_l[:, None] * s_xl + offs_d[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32) * sm_scale
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) / 127.0
+    q = _round_half_away(x / scale[:, None]).to(tl.int8)
+    tl.store(Out + b * s_ob + h * s_oh + offs_l[:, None] * s_ol + offs_d[None, :], q, mask=mask)
+    tl.store(Scale + pid_bh * L + offs_l, scale, mask=offs_l < L)
+
+
+@triton.jit
+def quant_k_kernel(X, Mean, Out, Scale, L, H, n_blocks, s_xb, s_xl, s_xh, s_ob, s_oh, s_ol,
+                   BLOCK: tl.constexpr, D: tl.constexpr):  # fmt: skip
+    """K minus its per-channel mean -> int8 [B, H, L, D] and one scale per BLOCK tokens [B, H, n_blocks]."""
+    pid_l, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    offs_l = pid_l * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    mask = offs_l[:, None] < L
+    x = tl.load(X + b * s_xb + h * s_xh + offs_l[:, None] * s_xl + offs_d[None, :], mask=mask, other=0.0)
+    mean = tl.load(Mean + pid_bh * D + offs_d)
+    x = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
+    scale = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-12) / 127.0
+    k = _round_half_away(x / scale).to(tl.int8)
+    tl.store(Out + b * s_ob + h * s_oh + offs_l[:, None] * s_ol + offs_d[None, :], k, mask=mask)
+    tl.store(Scale + pid_bh * n_blocks + pid_l, scale)
+
+
+@triton.jit
+def quant_v_kernel(X, Scale, Out, L, L_pad, H, s_xb, s_xl, s_xh, BLOCK: tl.constexpr, D: tl.constexpr):
+    """V / per-channel scale -> FP8 E4M3, transposed to [B, H, D, L_pad] (tokens contiguous)."""
+    pid_l, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    offs_l = pid_l * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    mask = offs_l[:, None] < L
+    x = tl.load(X + b * s_xb + h * s_xh + offs_l[:, None] * s_xl + offs_d[None, :], mask=mask, other=0.0)
+    scale = tl.load(Scale + pid_bh * D + offs_d)
+    v = (x.to(tl.float32) / scale[None, :]).to(tl.float8e4nv)
+    tl.store(Out + pid_bh * D * L_pad + offs_d[None, :] * L_pad + offs_l[:, None], v, mask=offs_l[:, None] < L_pad)
+
+
+@triton.jit
+def _attend_blocks(acc, l_i, m_i, q, qs, k_ptrs, v_ptrs, ks_ptr, start, end, offs_n, Lk, s_kn,
+                   BLOCK_N: tl.constexpr, MASK: tl.constexpr):  # fmt: skip
+    for start_n in range(start, end, BLOCK_N):
+        if MASK:
+            valid = (start_n + offs_n) < Lk
+            k = tl.load(k_ptrs + start_n * s_kn, mask=valid[None, :], other=0)
+        else:
+            k = tl.load(k_ptrs + start_n * s_kn)
+        s = tl.dot(q, k).to(tl.float32)  # exact int32 Q.K^T of the quantized values
+        scale = qs * tl.load(ks_ptr + start_n // BLOCK_N)
+        if MASK:
+            s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
+        p = tl.math.exp2(s * scale[:, None] - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptrs + start_n)
+        pv = tl.dot((p * 448.0).to(tl.float8e4nv), v)  # fresh fp32 accumulator per key block
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+def _configs():
+    return [
+        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+        for bm in (64, 128)
+        for w in (4, 8)
+        for s in (2, 3, 4)
+        if not (bm == 64 and w == 8)
+    ]
+
+
+@triton.autotune(configs=_configs(), key=["Lq", "Lk", "D"])
+@triton.jit
+def attn_kernel(Q, K, V, QS, KS, VS, Out, Lq, Lk, L_pad, H, n_kblocks,
+                s_qb, s_qh, s_ql, s_kb, s_kh, s_kn, s_ob, s_ol, s_oh,
+                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_ql + offs_d[None, :], mask=offs_m[:, None] < Lq, other=0)
+    qs = tl.load(QS + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    k_ptrs = K + b * s_kb + h * s_kh + offs_d[:, None] + offs_n[None, :] * s_kn  # [D, N] view of K
+    v_ptrs = V + pid_bh * D * L_pad + offs_d[None, :] * L_pad + offs_n[:, None]  # [N, D] view of V^T
+    ks_ptr = KS + pid_bh * n_kblocks
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    full = (Lk // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, qs, k_ptrs, v_ptrs, ks_ptr, 0, full, offs_n, Lk, s_kn, BLOCK_N, False)
+    if full < Lk:
+        acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, qs, k_ptrs, v_ptrs, ks_ptr, full, Lk, offs_n, Lk, s_kn, BLOCK_N, True)
+    vs = tl.load(VS + pid_bh * D + offs_d)
+    out = acc * (vs[None, :] / 448.0) / l_i[:, None]
+    o_ptrs = Out + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < Lq)
