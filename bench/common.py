@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -16,11 +17,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def environment() -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                           cwd=Path(__file__).parent).stdout.strip() or "unknown"  # fmt: skip
-    except OSError:
-        env["git_commit"] = "unknown"
+    env["git_commit"] = os.environ.get("X2V_GIT_COMMIT") or _git_commit()
     if torch.cuda.is_available():
         env["card"] = torch.cuda.get_device_name()
         env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
@@ -38,6 +35,15 @@ def environment() -> dict:
     except ImportError:
         pass
     return env
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    except OSError:
+        return "unknown"
+    commit = out.stdout.strip()
+    return commit if len(commit) == 40 else "unknown"
 
 
 def card_slug(env: dict) -> str:

@@ -2,6 +2,7 @@
 # One device call: install carried wheels (if any), then run the GPU checks named as arguments.
 # Usage (on the GPU host, from the repository root): bash bench/gpu_run.sh attention dit_forward
 set -uo pipefail
+# The device copy carries no git metadata: the caller passes the commit, e.g. X2V_GIT_COMMIT=$(git rev-parse HEAD).
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 fi
