@@ -16,7 +16,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def environment() -> dict:
-    env = {"torch": torch.__version__, "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     env["git_commit"] = os.environ.get("X2V_GIT_COMMIT") or _git_commit()
     if torch.cuda.is_available():
         env["card"] = torch.cuda.get_device_name()
@@ -39,7 +43,9 @@ def environment() -> dict:
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        )
     except OSError:
         return "unknown"
     commit = out.stdout.strip()

@@ -38,7 +38,9 @@ def inputs(cfg, frames=81, height=480, width=832, batch=1, seed=1):
     args = dict(x=r(batch, 16, t, h, w), t=torch.full((batch,), 900.0, device="cuda"),
                 context=r(batch, d.text_len, d.text_dim).bfloat16())  # fmt: skip
     if d.i2v:
-        args.update(clip_fea=r(batch, d.clip_tokens, d.clip_dim).bfloat16(), y=r(batch, d.in_dim - 16, t, h, w))
+        args.update(
+            clip_fea=r(batch, d.clip_tokens, d.clip_dim).bfloat16(), y=r(batch, d.in_dim - 16, t, h, w)
+        )
     return args
 
 
@@ -67,7 +69,10 @@ def main():
             timing["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
             outs[attn] = model(**x).float()
             result["runs"][attn] = timing
-            print(f"{attn}: {timing['median_ms'] / 1000:.3f} s a forward, peak {timing['peak_gb']:.1f} GB", flush=True)
+            print(
+                f"{attn}: {timing['median_ms'] / 1000:.3f} s a forward, peak {timing['peak_gb']:.1f} GB",
+                flush=True,
+            )
     result["sage_vs_sdpa"] = rel_err(outs["sage"], outs["sdpa"])
     result["speedup"] = result["runs"]["sdpa"]["median_ms"] / result["runs"]["sage"]["median_ms"]
     print(f"sage/sdpa speedup {result['speedup']:.3f}x, output diff {result['sage_vs_sdpa']}")

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 log = logging.getLogger("x2v.sage")
 
 BLOCK_N = 128  # key block of the attention kernel and granularity of K's scales
-P_SCALE = 448.0
+P_SCALE = 256.0  # P's scale before the FP8 cast (a power of two, folded into exp2 in the kernel)
+V_FP8_MAX = 448.0
 SUPPORTED_HEAD_DIMS = (64, 128)
 _warned: set[str] = set()
 
@@ -51,7 +52,9 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     if reason is None:
         return torch.ops.x2v.sage_attention(q, k, v)
     _warn_once(reason)
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(
+        1, 2
+    )
 
 
 # The quantized math, in plain torch: the reference for the kernels and the meaning of the ONNX node.
@@ -83,7 +86,7 @@ def quantize_k(k: torch.Tensor, block: int = BLOCK_N) -> tuple[torch.Tensor, tor
 def quantize_v(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """v [B, L, H, D] -> FP8 E4M3 values [B, H, L, D] and per-channel scales [B, H, D]."""
     x = v.float().transpose(1, 2)
-    scale = x.abs().amax(dim=2).clamp(min=1e-12) / 448.0
+    scale = x.abs().amax(dim=2).clamp(min=1e-12) / V_FP8_MAX
     return (x / scale[:, :, None]).to(torch.float8_e4m3fn), scale
 
 
@@ -97,11 +100,39 @@ def sage_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int
     p = torch.exp2(s - s.amax(-1, keepdim=True))
     l_sum = p.sum(-1, keepdim=True)
     p8 = (p * P_SCALE).to(torch.float8_e4m3fn).float()
-    out = (p8 @ vf.float()) * (vs[:, :, None] / P_SCALE) / l_sum
+    out = (p8 @ vf.float()) * vs[:, :, None] / (l_sum * P_SCALE)
     return out.transpose(1, 2).to(q.dtype)
 
 
 # The registered op. Its body only runs on CUDA tensors; the fake implementation gives shapes for tracing.
+
+
+def quantize_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Launch the three quantization kernels -> (q8, q_scale, k8, k_scale, v8 transposed, v_scale)."""
+    from torch.library import wrap_triton
+
+    from x2v.plugins import sage_kernels as K
+
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    nkb = triton_cdiv(lk, BLOCK_N)
+    q8 = torch.empty((b, h, lq, d), dtype=torch.int8, device=q.device)
+    qs = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    k8 = torch.empty((b, h, lk, d), dtype=torch.int8, device=q.device)
+    ks = torch.empty((b, h, nkb), dtype=torch.float32, device=q.device)
+    v8 = torch.empty((b, h, d, nkb * BLOCK_N), dtype=torch.float8_e4m3fn, device=q.device)
+    k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()  # [B, H, D]
+    v_scale = (v.abs().amax(dim=1).float().clamp(min=1e-12) / V_FP8_MAX).contiguous()  # [B, H, D]
+    sm = d**-0.5 * math.log2(math.e)
+    wrap_triton(K.quant_q_kernel)[(triton_cdiv(lq, 128), b * h)](
+        q, q8, qs, lq, h, q.stride(0), q.stride(1), q.stride(2), q8.stride(0), q8.stride(1), q8.stride(2), sm,
+        BLOCK=128, D=d)  # fmt: skip
+    wrap_triton(K.quant_k_kernel)[(nkb, b * h)](
+        k, k_mean, k8, ks, lk, h, nkb, k.stride(0), k.stride(1), k.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
+        BLOCK=BLOCK_N, D=d)  # fmt: skip
+    wrap_triton(K.quant_v_kernel)[(nkb, b * h)](
+        v, v_scale, v8, lk, nkb * BLOCK_N, h, v.stride(0), v.stride(1), v.stride(2), BLOCK=BLOCK_N, D=d)  # fmt: skip
+    return q8, qs, k8, ks, v8, v_scale
 
 
 @torch.library.triton_op("x2v::sage_attention", mutates_args={})
@@ -112,32 +143,14 @@ def _sage_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    nkb = triton_cdiv(lk, BLOCK_N)
-    l_pad = nkb * BLOCK_N
-    q8 = torch.empty((b, h, lq, d), dtype=torch.int8, device=q.device)
-    qs = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
-    k8 = torch.empty((b, h, lk, d), dtype=torch.int8, device=q.device)
-    ks = torch.empty((b, h, nkb), dtype=torch.float32, device=q.device)
-    v8 = torch.empty((b, h, d, l_pad), dtype=torch.float8_e4m3fn, device=q.device)
-    k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()  # [B, H, D]
-    v_scale = (v.abs().amax(dim=1).float().clamp(min=1e-12) / P_SCALE).contiguous()  # [B, H, D]
-    sm = d**-0.5 * math.log2(math.e)
-    qb = 128
-    wrap_triton(K.quant_q_kernel)[(triton_cdiv(lq, qb), b * h)](
-        q, q8, qs, lq, h, q.stride(0), q.stride(1), q.stride(2), q8.stride(0), q8.stride(1), q8.stride(2), sm,
-        BLOCK=qb, D=d)  # fmt: skip
-    wrap_triton(K.quant_k_kernel)[(nkb, b * h)](
-        k, k_mean, k8, ks, lk, h, nkb, k.stride(0), k.stride(1), k.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
-        BLOCK=BLOCK_N, D=d)  # fmt: skip
-    wrap_triton(K.quant_v_kernel)[(nkb, b * h)](
-        v, v_scale, v8, lk, l_pad, h, v.stride(0), v.stride(1), v.stride(2), BLOCK=BLOCK_N, D=d)  # fmt: skip
+    q8, qs, k8, ks, v8, v_scale = quantize_pass(q, k, v)
     out = torch.empty_like(q)
 
     def grid(meta):
         return (triton_cdiv(lq, meta["BLOCK_M"]), b * h)
 
     wrap_triton(K.attn_kernel)[grid](
-        q8, k8, v8, qs, ks, v_scale, out, lq, lk, l_pad, h, nkb,
+        q8, k8, v8, qs, ks, v_scale, out, lq, lk, v8.shape[-1], h, ks.shape[-1],
         q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
         out.stride(0), out.stride(1), out.stride(2), D=d, BLOCK_N=BLOCK_N)  # fmt: skip
     return out

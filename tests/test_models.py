@@ -1,0 +1,240 @@
+"""The Wan2.1 networks: official key layout, parameter counts, strict loading, forward against a reference."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.reference_wan import reference_forward
+from x2v.export.load import build, load_dit, load_part
+from x2v.runtime.checkpoint import CheckpointError, read_state_dict, resolve
+from x2v.runtime.config import ConfigError, load_model_config
+
+MODELS = ["t2v-1.3b", "t2v-14b", "i2v-14b-480p", "i2v-14b-720p", "i2v-14b-480p-distill", "tiny"]
+
+
+def official_dit_keys(cfg):
+    """The key list of an official Wan2.1 DiT checkpoint, spelled out from the published layout."""
+    keys = [
+        "patch_embedding.weight",
+        "patch_embedding.bias",
+        "head.modulation",
+        "head.head.weight",
+        "head.head.bias",
+    ]
+    keys += [f"{m}.{i}.{p}" for m, i in [("text_embedding", 0), ("text_embedding", 2), ("time_embedding", 0),
+                                          ("time_embedding", 2), ("time_projection", 1)] for p in ("weight", "bias")]  # fmt: skip
+    if cfg.model_type == "i2v":
+        keys += [f"img_emb.proj.{i}.{p}" for i in (0, 1, 3, 4) for p in ("weight", "bias")]
+    for b in range(cfg.num_layers):
+        keys += [f"blocks.{b}.modulation", f"blocks.{b}.norm3.weight", f"blocks.{b}.norm3.bias"]
+        keys += [f"blocks.{b}.ffn.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")]
+        for a in ("self_attn", "cross_attn"):
+            keys += [f"blocks.{b}.{a}.{x}.{p}" for x in "qkvo" for p in ("weight", "bias")]
+            keys += [f"blocks.{b}.{a}.norm_q.weight", f"blocks.{b}.{a}.norm_k.weight"]
+        if cfg.model_type == "i2v":
+            keys += [f"blocks.{b}.cross_attn.{x}.{p}" for x in ("k_img", "v_img") for p in ("weight", "bias")]
+            keys += [f"blocks.{b}.cross_attn.norm_k_img.weight"]
+    return sorted(keys)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_config_keys_match_official_layout(name):
+    cfg = load_model_config(name)
+    assert sorted(build("dit", cfg).state_dict()) == official_dit_keys(cfg.dit)
+
+
+@pytest.mark.parametrize(
+    "name, billions",
+    [("t2v-14b", 14.29), ("i2v-14b-480p", 16.39), ("i2v-14b-720p", 16.39), ("t2v-1.3b", 1.42)],
+)
+def test_parameter_counts(name, billions):
+    n = sum(p.numel() for p in build("dit", load_model_config(name)).parameters())
+    assert n / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_dit_matches_independent_reference(tiny_ckpt, tiny_cfg):
+    """fp32 forward vs a float64 per-sample re-statement with complex RoPE: agree to 1e-5."""
+    dit = load_dit(tiny_ckpt, tiny_cfg, dtype=torch.float32)
+    d = tiny_cfg.dit
+    x, y = torch.randn(2, 16, 3, 8, 12), torch.randn(2, 20, 3, 8, 12)
+    t = torch.tensor([999.0, 421.0])
+    ctx, clip = torch.randn(2, d.text_len, d.text_dim), torch.randn(2, d.clip_tokens, d.clip_dim)
+    with torch.no_grad():
+        out = dit(x, t, ctx, clip, y)
+    state, _ = read_state_dict(resolve(tiny_ckpt, tiny_cfg.files.dit))
+    ref = reference_forward(state, d, x, t, ctx, clip, y)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_pre_blocks_post_is_the_forward(tiny_ckpt, tiny_cfg):
+    dit = load_dit(tiny_ckpt, tiny_cfg, dtype=torch.float32)
+    d = tiny_cfg.dit
+    x, y, t = torch.randn(1, 16, 2, 8, 8), torch.randn(1, 20, 2, 8, 8), torch.tensor([500.0])
+    ctx, clip = torch.randn(1, d.text_len, d.text_dim), torch.randn(1, d.clip_tokens, d.clip_dim)
+    with torch.no_grad():
+        tokens, e, e0, c, cos, sin = dit.pre(x, t, ctx, clip, y)
+        for block in dit.blocks:
+            tokens = block(tokens, e0, c, cos, sin)
+        assert torch.equal(dit.post(tokens, e, dit.grid(x.shape)), dit(x, t, ctx, clip, y))
+
+
+def _official_to_diffusers(key):
+    table = [("text_embedding.0.", "condition_embedder.text_embedder.linear_1."), ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+             ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."), ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+             ("time_projection.1.", "condition_embedder.time_proj."), ("img_emb.proj.0.", "condition_embedder.image_embedder.norm1."),
+             ("img_emb.proj.1.", "condition_embedder.image_embedder.ff.net.0.proj."), ("img_emb.proj.3.", "condition_embedder.image_embedder.ff.net.2."),
+             ("img_emb.proj.4.", "condition_embedder.image_embedder.norm2."), ("head.head.", "proj_out."), ("head.modulation", "scale_shift_table")]  # fmt: skip
+    for a, b in table:
+        if key.startswith(a):
+            return b + key[len(a) :]
+    parts = key.split(".")
+    if parts[0] == "blocks":
+        rest = ".".join(parts[2:])
+        sub = {"self_attn.q.": "attn1.to_q.", "self_attn.k.": "attn1.to_k.", "self_attn.v.": "attn1.to_v.", "self_attn.o.": "attn1.to_out.0.",
+               "self_attn.norm_q.": "attn1.norm_q.", "self_attn.norm_k.": "attn1.norm_k.", "cross_attn.q.": "attn2.to_q.",
+               "cross_attn.k.": "attn2.to_k.", "cross_attn.v.": "attn2.to_v.", "cross_attn.o.": "attn2.to_out.0.",
+               "cross_attn.norm_q.": "attn2.norm_q.", "cross_attn.norm_k.": "attn2.norm_k.", "cross_attn.k_img.": "attn2.add_k_proj.",
+               "cross_attn.v_img.": "attn2.add_v_proj.", "cross_attn.norm_k_img.": "attn2.norm_added_k.", "norm3.": "norm2.",
+               "ffn.0.": "ffn.net.0.proj.", "ffn.2.": "ffn.net.2.", "modulation": "scale_shift_table"}  # fmt: skip
+        for a, b in sub.items():
+            if rest.startswith(a):
+                return f"blocks.{parts[1]}." + b + rest[len(a) :]
+    return key
+
+
+@pytest.mark.parametrize("layout", ["sharded", "single", "diffusers"])
+def test_dit_loads_every_layout(tmp_path, tiny_ckpt, tiny_cfg, layout):
+    state, _ = read_state_dict(resolve(tiny_ckpt, tiny_cfg.files.dit))
+    if layout == "sharded":
+        from x2v.runtime.checkpoint import save_sharded
+
+        save_sharded(state.items(), tmp_path, tiny_cfg.files.dit, max_shard_bytes=100_000)
+        assert len(
+            json.loads((tmp_path / f"{tiny_cfg.files.dit}.safetensors.index.json").read_text())["weight_map"]
+        ) == len(state)
+        assert len(list(tmp_path.glob("*-of-*.safetensors"))) > 2
+    else:
+        sd = {_official_to_diffusers(k): v for k, v in state.items()} if layout == "diffusers" else state
+        save_file(sd, str(tmp_path / f"{tiny_cfg.files.dit}.safetensors"))
+    dit = load_dit(tmp_path, tiny_cfg, dtype=torch.float32)
+    for k, v in dit.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_fp32_checkpoint_loads_as_bf16_with_sensitive_layers_kept(tiny_ckpt, tiny_cfg):
+    dit = load_dit(tiny_ckpt, tiny_cfg, dtype=torch.bfloat16, sensitive_fp32=True)
+    assert dit.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
+    assert dit.blocks[0].modulation.dtype == torch.float32 and dit.head.head.weight.dtype == torch.float32
+
+
+def _corrupt_copy(tmp_path, tiny_ckpt, tiny_cfg, edit):
+    state, _ = read_state_dict(resolve(tiny_ckpt, tiny_cfg.files.dit))
+    edit(state)
+    save_file(state, str(tmp_path / f"{tiny_cfg.files.dit}.safetensors"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("blocks.1.ffn.0.weight"), "missing key 'blocks.1.ffn.0.weight' (expected shape [128, 64])"),
+    (lambda s: s.__setitem__("blocks.0.extra", torch.zeros(2)), "unexpected key 'blocks.0.extra'"),
+    (lambda s: s.__setitem__("head.head.bias", torch.zeros(3)), "key 'head.head.bias' has shape [3], the model expects [64]"),
+])  # fmt: skip
+def test_strict_loading_names_key_shapes_and_file(tmp_path, tiny_ckpt, tiny_cfg, edit, message):
+    ckpt = _corrupt_copy(tmp_path, tiny_ckpt, tiny_cfg, edit)
+    with pytest.raises(CheckpointError) as e:
+        load_dit(ckpt, tiny_cfg, dtype=torch.float32)
+    assert message in str(e.value) and str(tmp_path) in str(e.value)
+
+
+def test_truncated_safetensors_is_refused(tmp_path, tiny_ckpt, tiny_cfg):
+    ckpt = _corrupt_copy(tmp_path, tiny_ckpt, tiny_cfg, lambda s: None)
+    f = ckpt / f"{tiny_cfg.files.dit}.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="unreadable safetensors file"):
+        load_dit(ckpt, tiny_cfg)
+
+
+def test_wrong_file_and_missing_file(tmp_path, tiny_ckpt, tiny_cfg):
+    (tmp_path / f"{tiny_cfg.files.dit}.safetensors").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable safetensors"):
+        load_dit(tmp_path, tiny_cfg)
+    with pytest.raises(CheckpointError, match="missing checkpoint file"):
+        load_part("vae", tmp_path, tiny_cfg)
+    (tmp_path / tiny_cfg.files.vae).write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="unreadable .pth"):
+        load_part("vae", tmp_path, tiny_cfg)
+
+
+def test_checkpoint_of_another_variant_is_named(tmp_path, tiny_ckpt, tiny_cfg):
+    t2v = _corrupt_copy(tmp_path, tiny_ckpt, tiny_cfg, lambda s: [s.pop(k) for k in list(s) if "img" in k])
+    with pytest.raises(CheckpointError, match="checkpoint of another variant"):
+        load_dit(t2v, tiny_cfg)
+
+
+def test_config_typo_names_key_and_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dit: {dim: 64, num_head: 2}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: dit: unknown key 'num_head'"):
+        load_model_config(bad)
+    with pytest.raises(ConfigError, match="unknown model 'nope'; known models: .*tiny"):
+        load_model_config("nope")
+
+
+def test_encoders_load_and_run(tiny_ckpt, tiny_cfg):
+    from x2v.runtime.tokenizer import Tokenizer
+
+    t5 = load_part("t5", tiny_ckpt, tiny_cfg)
+    ids, mask = Tokenizer(tiny_ckpt / tiny_cfg.files.tokenizer, tiny_cfg.dit.text_len)(["a cat walks", "dog"])
+    assert ids.shape == (2, tiny_cfg.dit.text_len) and mask[0].sum() > mask[1].sum() > 0
+    states = t5(ids, mask)
+    assert states.shape == (2, tiny_cfg.dit.text_len, tiny_cfg.t5.dim)
+    assert states[1, mask[1].sum() :].abs().max() == 0  # padding is zero, as the DiT expects
+    clip = load_part("clip", tiny_ckpt, tiny_cfg)
+    assert clip(torch.rand(1, 3, 40, 56) * 2 - 1).shape == (1, tiny_cfg.dit.clip_tokens, tiny_cfg.clip.dim)
+
+
+@pytest.mark.parametrize("frames", [1, 5, 81])
+def test_vae_round_trip_shapes(tiny_ckpt, tiny_cfg, frames):
+    vae = load_part("vae", tiny_ckpt, tiny_cfg)
+    video = torch.rand(1, 3, frames, 16, 24) * 2 - 1
+    z = vae.encode(video)
+    assert z.shape == (1, 16, (frames - 1) // 4 + 1, 2, 3)
+    assert vae.decode(z).shape == video.shape
+
+
+@pytest.mark.parametrize("chunk", [2, 3])
+def test_vae_chunked_equals_whole(tiny_ckpt, tiny_cfg, chunk):
+    vae = load_part("vae", tiny_ckpt, tiny_cfg)
+    video = torch.rand(1, 3, 13, 16, 16) * 2 - 1
+    torch.testing.assert_close(
+        vae.encode(video, chunked=True), vae.encode(video, chunked=False), rtol=1e-5, atol=1e-5
+    )
+    z = torch.randn(1, 16, 4, 2, 2)
+    whole = vae.decode(z, chunk=None)
+    torch.testing.assert_close(vae.decode(z, chunk=1), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vae.decode(z, chunk=chunk), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_help_is_fast_and_light():
+    code = "import sys; from x2v.runtime.cli import main; from x2v.export.cli import main as m2; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    for cmd in (["x2v", "--help"], ["x2v-export", "--help"]):
+        assert subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0
+
+
+def test_safetensors_index_mismatch_is_refused(tmp_path, tiny_ckpt, tiny_cfg):
+    from x2v.runtime.checkpoint import save_sharded
+
+    state, _ = read_state_dict(resolve(tiny_ckpt, tiny_cfg.files.dit))
+    index = save_sharded(state.items(), tmp_path, "m", max_shard_bytes=100_000)
+    data = json.loads(index.read_text())
+    data["weight_map"]["blocks.0.ffn.0.weight"] = "m-00001-of-99999.safetensors"
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError):
+        read_state_dict(index)
+    assert load_file  # the shards themselves stay readable with plain safetensors
