@@ -74,9 +74,9 @@ def main():
             }
             del ref, out
         flops = 4 * b * h * n * n * d
-        t_sdpa = time_cuda(lambda: sdpa(q, k, v), reps=args.reps)
-        t_sage = time_cuda(lambda: sage_attention(q, k, v), reps=args.reps)
-        t_quant = time_cuda(lambda: quantize_only(q, k, v), reps=args.reps)
+        t_sdpa = time_cuda(lambda q=q, k=k, v=v: sdpa(q, k, v), reps=args.reps)
+        t_sage = time_cuda(lambda q=q, k=k, v=v: sage_attention(q, k, v), reps=args.reps)
+        t_quant = time_cuda(lambda q=q, k=k, v=v: quantize_only(q, k, v), reps=args.reps)
         row.update(sdpa_bf16=t_sdpa, sage=t_sage, sage_quantize_only=t_quant, speedup=t_sdpa["median_ms"] / t_sage["median_ms"],
                    sdpa_tflops=flops / t_sdpa["median_ms"] / 1e9, sage_tflops=flops / t_sage["median_ms"] / 1e9)  # fmt: skip
         rows.append(row)
