@@ -77,7 +77,7 @@ def quant_v_kernel(X, Scale, Out, L, L_pad, H, s_xb, s_xl, s_xh, BLOCK: tl.const
     )
 
 
-MAGIC: tl.constexpr = 12582912.0  # 1.5 * 2^23
+MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23
 
 
 @triton.jit
