@@ -29,7 +29,7 @@ setup(
     ],
     extras_require={
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "nvidia-modelopt>=0.20"],
-        "test": ["pytest>=8", "diffusers>=0.32", "onnx>=1.16", "onnxruntime>=1.18", "ruff>=0.6"],
+        "test": ["pytest>=8", "diffusers>=0.32", "ruff>=0.6"],
     },
     entry_points={
         "console_scripts": [
