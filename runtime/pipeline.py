@@ -193,6 +193,10 @@ class Pipeline:
         timings["decode_s"] = self._lap(t0)
         if self.device.type == "cuda":
             timings["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        else:  # the process's peak resident memory (Linux reports KiB)
+            import resource
+
+            timings["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         n = len(schedule.timesteps)
         return Result(
             frames_u8, latents, timings, plan.computed if plan else n, n, plan.describe() if plan else ""
