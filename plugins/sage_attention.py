@@ -124,12 +124,12 @@ def quantize_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()  # [B, H, D]
     v_scale = (v.abs().amax(dim=1).float().clamp(min=1e-12) / V_FP8_MAX).contiguous()  # [B, H, D]
     sm = d**-0.5 * math.log2(math.e)
-    wrap_triton(K.quant_q_kernel)[(triton_cdiv(lq, 128), b * h)](
-        q, q8, qs, lq, h, q.stride(0), q.stride(1), q.stride(2), q8.stride(0), q8.stride(1), q8.stride(2), sm,
-        BLOCK=128, D=d)  # fmt: skip
-    wrap_triton(K.quant_k_kernel)[(nkb, b * h)](
+    wrap_triton(K.quant_int8_kernel)[(triton_cdiv(lq, 128), b * h)](
+        q, k_mean, q8, qs, lq, h, lq, q.stride(0), q.stride(1), q.stride(2), q8.stride(0), q8.stride(1), q8.stride(2),
+        sm, SMOOTH=False, PER_TOKEN=True, BLOCK=128, D=d)  # fmt: skip
+    wrap_triton(K.quant_int8_kernel)[(nkb, b * h)](
         k, k_mean, k8, ks, lk, h, nkb, k.stride(0), k.stride(1), k.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
-        BLOCK=BLOCK_N, D=d)  # fmt: skip
+        1.0, SMOOTH=True, PER_TOKEN=False, BLOCK=BLOCK_N, D=d)  # fmt: skip
     wrap_triton(K.quant_v_kernel)[(nkb, b * h)](
         v, v_scale, v8, lk, nkb * BLOCK_N, h, v.stride(0), v.stride(1), v.stride(2), BLOCK=BLOCK_N, D=d)  # fmt: skip
     return q8, qs, k8, ks, v8, v_scale

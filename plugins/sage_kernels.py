@@ -27,38 +27,31 @@ def _round_half_away(x):
 
 
 @triton.jit
-def quant_q_kernel(X, Out, Scale, L, H, s_xb, s_xl, s_xh, s_ob, s_oh, s_ol, sm_scale,
-                   BLOCK: tl.constexpr, D: tl.constexpr):  # fmt: skip
-    """[B, L, H, D] (any strides, last contiguous) -> int8 [B, H, L, D] and per-token scales [B, H, L]."""
+def quant_int8_kernel(X, Mean, Out, Scale, L, H, n_scales, s_xb, s_xl, s_xh, s_ob, s_oh, s_ol, pre_scale,
+                      SMOOTH: tl.constexpr, PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):  # fmt: skip
+    """[B, L, H, D] (last dim contiguous) -> int8 [B, H, L, D] and scales [B, H, n_scales].
+
+    Q: PER_TOKEN scales (n_scales = L), softmax scale folded in through `pre_scale`.
+    K: SMOOTH (the per-channel mean `Mean` [B, H, D] subtracted) and one scale per BLOCK tokens.
+    """
     pid_l, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     offs_l = pid_l * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D)
     mask = offs_l[:, None] < L
     x = tl.load(X + b * s_xb + h * s_xh + offs_l[:, None] * s_xl + offs_d[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32) * sm_scale
-    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) / 127.0
-    q = _round_half_away(x / scale[:, None]).to(tl.int8)
-    tl.store(Out + b * s_ob + h * s_oh + offs_l[:, None] * s_ol + offs_d[None, :], q, mask=mask)
-    tl.store(Scale + pid_bh * L + offs_l, scale, mask=offs_l < L)
-
-
-@triton.jit
-def quant_k_kernel(X, Mean, Out, Scale, L, H, n_blocks, s_xb, s_xl, s_xh, s_ob, s_oh, s_ol,
-                   BLOCK: tl.constexpr, D: tl.constexpr):  # fmt: skip
-    """K minus its per-channel mean -> int8 [B, H, L, D] and one scale per BLOCK tokens [B, H, n_blocks]."""
-    pid_l, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
-    offs_l = pid_l * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D)
-    mask = offs_l[:, None] < L
-    x = tl.load(X + b * s_xb + h * s_xh + offs_l[:, None] * s_xl + offs_d[None, :], mask=mask, other=0.0)
-    mean = tl.load(Mean + pid_bh * D + offs_d)
-    x = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
-    scale = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-12) / 127.0
-    k = _round_half_away(x / scale).to(tl.int8)
-    tl.store(Out + b * s_ob + h * s_oh + offs_l[:, None] * s_ol + offs_d[None, :], k, mask=mask)
-    tl.store(Scale + pid_bh * n_blocks + pid_l, scale)
+    x = x.to(tl.float32) * pre_scale
+    if SMOOTH:
+        x = tl.where(mask, x - tl.load(Mean + pid_bh * D + offs_d)[None, :], 0.0)
+    if PER_TOKEN:
+        scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) / 127.0
+        vals = _round_half_away(x / scale[:, None]).to(tl.int8)
+        tl.store(Scale + pid_bh * n_scales + offs_l, scale, mask=offs_l < L)
+    else:
+        scale = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-12) / 127.0
+        vals = _round_half_away(x / scale).to(tl.int8)
+        tl.store(Scale + pid_bh * n_scales + pid_l, scale)
+    tl.store(Out + b * s_ob + h * s_oh + offs_l[:, None] * s_ol + offs_d[None, :], vals, mask=mask)
 
 
 @triton.jit
