@@ -27,6 +27,21 @@ def _round_half_away(x):
 
 
 @triton.jit
+def _load_tokens(X, L, H, s_xb, s_xl, s_xh, BLOCK: tl.constexpr, D: tl.constexpr):
+    """This program's tile of BLOCK tokens x D channels of head (b, h), as float32 (zeros past L)."""
+    pid_l, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    offs_l = pid_l * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    x = tl.load(
+        X + b * s_xb + h * s_xh + offs_l[:, None] * s_xl + offs_d[None, :],
+        mask=offs_l[:, None] < L,
+        other=0.0,
+    )
+    return x.to(tl.float32), b, h, pid_l, pid_bh, offs_l, offs_d
+
+
+@triton.jit
 def quant_int8_kernel(X, Mean, Out, Scale, L, H, n_scales, s_xb, s_xl, s_xh, s_ob, s_oh, s_ol, pre_scale,
                       SMOOTH: tl.constexpr, PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):  # fmt: skip
     """[B, L, H, D] (last dim contiguous) -> int8 [B, H, L, D] and scales [B, H, n_scales].
@@ -34,13 +49,9 @@ def quant_int8_kernel(X, Mean, Out, Scale, L, H, n_scales, s_xb, s_xl, s_xh, s_o
     Q: PER_TOKEN scales (n_scales = L), softmax scale folded in through `pre_scale`.
     K: SMOOTH (the per-channel mean `Mean` [B, H, D] subtracted) and one scale per BLOCK tokens.
     """
-    pid_l, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
-    offs_l = pid_l * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D)
+    x, b, h, pid_l, pid_bh, offs_l, offs_d = _load_tokens(X, L, H, s_xb, s_xl, s_xh, BLOCK, D)
     mask = offs_l[:, None] < L
-    x = tl.load(X + b * s_xb + h * s_xh + offs_l[:, None] * s_xl + offs_d[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32) * pre_scale
+    x = x * pre_scale
     if SMOOTH:
         x = tl.where(mask, x - tl.load(Mean + pid_bh * D + offs_d)[None, :], 0.0)
     if PER_TOKEN:
@@ -57,14 +68,9 @@ def quant_int8_kernel(X, Mean, Out, Scale, L, H, n_scales, s_xb, s_xl, s_xh, s_o
 @triton.jit
 def quant_v_kernel(X, Scale, Out, L, L_pad, H, s_xb, s_xl, s_xh, BLOCK: tl.constexpr, D: tl.constexpr):
     """V / per-channel scale -> FP8 E4M3, transposed to [B, H, D, L_pad] (tokens contiguous)."""
-    pid_l, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
-    offs_l = pid_l * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D)
-    mask = offs_l[:, None] < L
-    x = tl.load(X + b * s_xb + h * s_xh + offs_l[:, None] * s_xl + offs_d[None, :], mask=mask, other=0.0)
+    x, b, h, pid_l, pid_bh, offs_l, offs_d = _load_tokens(X, L, H, s_xb, s_xl, s_xh, BLOCK, D)
     scale = tl.load(Scale + pid_bh * D + offs_d)
-    v = (x.to(tl.float32) / scale[None, :]).to(tl.float8e4nv)
+    v = (x / scale[None, :]).to(tl.float8e4nv)
     tl.store(
         Out + pid_bh * D * L_pad + offs_d[None, :] * L_pad + offs_l[:, None], v, mask=offs_l[:, None] < L_pad
     )
