@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import rel_err, time_cuda, write_result
-from x2v.plugins.sage_attention import sage_attention
+from x2v.plugins.sage_attention import quantize_pass, sage_attention
 
 SHAPES = [
     (1, 40, 32760, 128),
@@ -48,13 +48,6 @@ def reference(q, k, v, heads: int):
     return sdpa(q[:, :, sl].float(), k[:, :, sl].float(), v[:, :, sl].float())
 
 
-def quantize_only(q, k, v):
-    """The quantization pass alone (what the op adds before attending): the three Triton quant kernels."""
-    from x2v.plugins.sage_attention import quantize_pass
-
-    return quantize_pass(q, k, v)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -76,7 +69,7 @@ def main():
         flops = 4 * b * h * n * n * d
         t_sdpa = time_cuda(lambda q=q, k=k, v=v: sdpa(q, k, v), reps=args.reps)
         t_sage = time_cuda(lambda q=q, k=k, v=v: sage_attention(q, k, v), reps=args.reps)
-        t_quant = time_cuda(lambda q=q, k=k, v=v: quantize_only(q, k, v), reps=args.reps)
+        t_quant = time_cuda(lambda q=q, k=k, v=v: quantize_pass(q, k, v), reps=args.reps)
         row.update(sdpa_bf16=t_sdpa, sage=t_sage, sage_quantize_only=t_quant, speedup=t_sdpa["median_ms"] / t_sage["median_ms"],
                    sdpa_tflops=flops / t_sdpa["median_ms"] / 1e9, sage_tflops=flops / t_sage["median_ms"] / 1e9)  # fmt: skip
         rows.append(row)

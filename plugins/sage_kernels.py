@@ -16,9 +16,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# P in [0, 1] is scaled by 2^8 before the FP8 cast, folded into the exp2 bias (exact for a power of two),
-# so small probabilities stay clear of E4M3's subnormal range at no cost per element.
-LOG2_P_SCALE = 8.0
+# P in [0, 1] is scaled by 2^8 (P_SCALE in sage_attention.py) before the FP8 cast, folded into the exp2 bias
+# as the `- 8.0` in _attend_blocks (exact for a power of two), so small probabilities stay clear of E4M3's
+# subnormal range at no cost per element.
 
 
 @triton.jit

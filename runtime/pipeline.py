@@ -42,8 +42,13 @@ class Result:
         )
 
 
-def check_request(cfg: ModelConfig, image, prompt: str, frames: int, height: int, width: int) -> None:
-    """Every cheap check of a request, so bad input fails in milliseconds with a one-line message."""
+def check_request(
+    cfg: ModelConfig, image, prompt: str, frames: int, height: int, width: int
+) -> torch.Tensor | None:
+    """Every cheap check of a request, so bad input fails in milliseconds with a one-line message.
+
+    Returns the decoded image ([3, H, W] in [-1, 1]) for I2V models, None for T2V.
+    """
     if frames < 1 or (frames - 1) % 4:
         raise InputError(f"frames must be 4k+1 (1, 5, ..., 81), got {frames}")
     if height % 16 or width % 16 or height <= 0 or width <= 0:
@@ -53,10 +58,10 @@ def check_request(cfg: ModelConfig, image, prompt: str, frames: int, height: int
     if cfg.dit.i2v:
         if image is None:
             raise InputError(f"model {cfg.name} is image-to-video: give an image")
-        if not isinstance(image, torch.Tensor):
-            load_image(image)
-    elif image is not None:
+        return image if isinstance(image, torch.Tensor) else load_image(image)
+    if image is not None:
         raise InputError(f"model {cfg.name} is text-to-video: it takes no image")
+    return None
 
 
 def load_image(image) -> torch.Tensor:
@@ -122,7 +127,15 @@ class Pipeline:
         return cls(cfg, parts, device, time.perf_counter() - t0)
 
     @torch.no_grad()
-    def encode(self, image, prompt: str, negative_prompt: str, frames: int, height: int, width: int):
+    def encode(
+        self,
+        image: torch.Tensor | None,
+        prompt: str,
+        negative_prompt: str,
+        frames: int,
+        height: int,
+        width: int,
+    ):
         """-> (cond, uncond, latent shape) on the device."""
         ids, mask = self.tokenizer([prompt, negative_prompt])
         context = self.t5(ids.to(self.device), mask.to(self.device))
@@ -130,7 +143,7 @@ class Pipeline:
         lat_t = (frames - 1) // 4 + 1
         if not self.cfg.dit.i2v:
             return cond, uncond, (1, self.cfg.vae.z_dim, lat_t, height // 8, width // 8)
-        img = (image if isinstance(image, torch.Tensor) else load_image(image)).to(self.device)
+        img = image.to(self.device)
         h, w = i2v_size(img.shape[1:], height * width)
         clip_fea = self.clip(img[None].to(self.dtype))
         first = torch.nn.functional.interpolate(img[None].float(), size=(h, w), mode="bicubic")[:, :, None]
@@ -151,7 +164,7 @@ class Pipeline:
         s = self.cfg.sample
         frames, height, width = frames or s.frames, height or s.height, width or s.width
         guide_scale = s.guide_scale if guide_scale is None else guide_scale
-        check_request(self.cfg, image, prompt, frames, height, width)
+        image = check_request(self.cfg, image, prompt, frames, height, width)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         timings = {"load_s": self.load_s}
