@@ -15,7 +15,10 @@ setup(
     python_requires=">=3.10",
     packages=[f"x2v.{p}" for p in SUBPACKAGES],
     package_dir={f"x2v.{p}": p for p in SUBPACKAGES},
-    package_data={"x2v.configs": ["models/*.yaml", "gpus/*.yaml", "teacache/*.yaml", "example.png"]},
+    package_data={
+        "x2v.configs": ["models/*.yaml", "gpus/*.yaml", "teacache/*.yaml", "example.png"],
+        "x2v.calibration": ["sets/*.yaml"],
+    },
     install_requires=[
         "torch>=2.5",
         "safetensors>=0.4",
@@ -28,8 +31,10 @@ setup(
         "av>=12",
     ],
     extras_require={
-        "export": ["onnx>=1.16", "onnxruntime>=1.18", "nvidia-modelopt>=0.20"],
-        "test": ["pytest>=8", "diffusers>=0.32", "ruff>=0.6"],
+        # ONNX export and the CPU (ONNX Runtime) engines; ModelOpt for calibration and FP8 PTQ
+        "export": ["onnx>=1.17", "onnxscript>=0.3", "onnxruntime>=1.20", "nvidia-modelopt>=0.40"],
+        "test": ["pytest>=8", "diffusers>=0.32", "ruff>=0.6", "onnx>=1.17", "onnxscript>=0.3",
+                 "onnxruntime>=1.20", "nvidia-modelopt>=0.40"],  # fmt: skip
     },
     entry_points={
         "console_scripts": [

@@ -42,5 +42,182 @@ def make_checkpoint_cmd(model, out, seed, device, dit_dtype):
     click.echo(f"wrote {cfg.name} checkpoint to {path}")
 
 
+@main.command()
+@click.option("--model", default="tiny", show_default=True, help="model config name or YAML path")
+@click.option("--ckpt", type=click.Path(path_type=Path), required=True, help="checkpoint directory")
+@click.option("--set", "calib_set", type=click.Path(path_type=Path), default=None,
+              help="calibration set YAML (prompts + images)  [default: calibration/sets/default.yaml]")  # fmt: skip
+@click.option(
+    "--steps-per-run",
+    default=4,
+    show_default=True,
+    help="captured steps per prompt, spread over the schedule",
+)
+@click.option("--steps", type=int, default=None, help="sampling steps per run (default: the model's)")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="default: <ckpt>/calibration.safetensors"
+)
+@click.option("--device", default="cpu", show_default=True)
+def calibrate(model, ckpt, calib_set, steps_per_run, steps, out, device):
+    """Capture DiT inputs along real denoising trajectories (both guidance branches) for FP8 PTQ."""
+    from tqdm import tqdm
+
+    from x2v.calibration import capture
+    from x2v.runtime.checkpoint import CheckpointError
+    from x2v.runtime.config import CONFIG_DIR, ConfigError, load_model_config
+    from x2v.runtime.pipeline import InputError, Pipeline
+
+    calib_set = calib_set or CONFIG_DIR.parent / "calibration" / "sets" / "default.yaml"
+    out = out or Path(ckpt) / "calibration.safetensors"
+    try:
+        cfg = load_model_config(model)
+        samples = capture.load_set(calib_set)
+        pipe = Pipeline.load(ckpt, cfg, device=device)
+        with tqdm(total=len(samples), desc="calibrate", unit="prompt") as bar:
+            records = capture.capture(pipe, samples, steps_per_run, steps, progress=lambda i: bar.update())
+    except (ConfigError, CheckpointError, InputError, capture.CalibrationError) as e:
+        _fail(e)
+    digest = capture.save(
+        records, out, {"model": cfg.name, "set": str(calib_set), "steps": steps or cfg.sample.num_steps}
+    )
+    click.echo(f"wrote {out}: {len(records)} DiT inputs from {len(samples)} prompts (sha256 {digest[:12]})")
+
+
+@main.command()
+@click.option("--model", default="tiny", show_default=True, help="model config name or YAML path")
+@click.option("--ckpt", type=click.Path(path_type=Path), required=True, help="checkpoint directory")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="capture from `x2v-export calibrate`  [default: <ckpt>/calibration.safetensors]")  # fmt: skip
+@click.option(
+    "--out", "stem", default="dit-fp8", show_default=True, help="output name in <ckpt> (safetensors stem)"
+)
+@click.option(
+    "--report", is_flag=True, help="print per-layer amax ranges and the per-forward error against bf16"
+)
+@click.option("--device", default="cpu", show_default=True)
+def quantize(model, ckpt, calib, stem, report, device):
+    """FP8 PTQ of the DiT with NVIDIA ModelOpt; writes an FP8 checkpoint that loads without ModelOpt."""
+    import torch
+    from tqdm import tqdm
+
+    from x2v.calibration import capture, ptq
+    from x2v.export.load import load_dit
+    from x2v.runtime.checkpoint import CheckpointError
+    from x2v.runtime.config import ConfigError, load_model_config
+
+    try:
+        import modelopt
+    except ImportError:
+        _fail(ImportError("x2v-export quantize needs nvidia-modelopt: pip install 'x2v[export]'"))
+    calib = calib or Path(ckpt) / "calibration.safetensors"
+    try:
+        cfg = load_model_config(model)
+        records, meta = capture.load(calib)
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        dit = load_dit(ckpt, cfg, dtype=dtype, device=device)
+    except (ConfigError, CheckpointError, capture.CalibrationError) as e:
+        _fail(e)
+    targets = cfg.fp8.targets(cfg.dit.num_layers)
+    fields = capture.FIELDS
+    first = [None if records[0][f] is None else records[0][f].to(device) for f in fields]
+    with torch.no_grad():
+        reference = dit(*first) if report else None
+    with tqdm(total=len(records), desc="modelopt max calibration", unit="input") as bar:
+        ptq.calibrate(dit, targets, records, cfg.fp8.weight == "channel", progress=lambda i: bar.update())
+    state = ptq.fp8_state(dit, targets)
+    recipe = {"model": cfg.name, "weights": cfg.fp8.weight, "activations": "static per-tensor",
+              "calibration": {"file": str(calib), "sha256": capture.sha256(calib), "inputs": len(records)},
+              "modelopt": modelopt.__version__, "keep_first_blocks": cfg.fp8.keep_first_blocks,
+              "keep_last_blocks": cfg.fp8.keep_last_blocks}  # fmt: skip
+    path = ptq.save_quantized(state, ckpt, stem, recipe)
+    click.echo(f"wrote {path} ({len(targets)} FP8 linears) and {Path(ckpt) / (stem + '.recipe.json')}")
+    if report:
+        for name, a_in, a_w in ptq.ranges(dit, targets):
+            click.echo(f"  {name:32s} input amax {a_in:10.4g}  weight amax {a_w:10.4g}")
+        del dit
+        fp8 = load_dit(ckpt, cfg, dtype=dtype, device=device, dit_file=stem)
+        with torch.no_grad():
+            err = ptq.compare(fp8(*first), reference)
+        click.echo(f"per-forward error against {str(dtype).split('.')[-1]} (first calibration input): "
+                   f"rel L2 {err['rel_l2']:.4f}, cos {err['cos']:.6f}")  # fmt: skip
+
+
+@main.command("build")
+@click.option("--model", default="tiny", show_default=True, help="model config name or YAML path")
+@click.option("--ckpt", type=click.Path(path_type=Path), required=True, help="checkpoint directory")
+@click.option(
+    "--gpu",
+    required=True,
+    help="target GPU config (configs/gpus/<name>.yaml): h200, h100, rtx4090, a100, cpu",
+)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="engine directory to write")
+@click.option("--precision", type=click.Choice(["fp8", "bf16", "fp32"]), default=None,
+              help="default: fp8 when --dit names an FP8 checkpoint, else the GPU's high-precision type")  # fmt: skip
+@click.option("--attn", type=click.Choice(["sage", "sdpa"]), default=None, help="default: the GPU's first")
+@click.option(
+    "--backend", type=click.Choice(["aoti", "onnx", "tensorrt"]), default=None, help="default: the GPU's"
+)
+@click.option("--dit", "dit_file", default=None, help="DiT file in --ckpt (e.g. dit-fp8) or a path")
+@click.option(
+    "--profile", "profiles", multiple=True, help="FRAMESxHEIGHTxWIDTH, repeatable (default: the model's)"
+)
+def build_cmd(model, ckpt, gpu, out, precision, attn, backend, dit_file, profiles):
+    """Build the DiT engines (time, pre, block, post) for one GPU and write manifest.json."""
+    from x2v.export.build import BuildError, CheckpointError, ConfigError, build
+
+    try:
+        m = build(model, ckpt, gpu, out, precision, attn, backend, dit_file, list(profiles) or None,
+                  log=lambda s: click.echo(s, err=True))  # fmt: skip
+    except (BuildError, CheckpointError, ConfigError) as e:
+        _fail(e)
+    size = sum(e["bytes"] for e in m["engines"].values())
+    click.echo(f"wrote {out}: {len(m['engines'])} {m['backend']} engines ({size / 1e6:.1f} MB, {m['precision']}, "
+               f"attention {m['attention']}) for {m['gpu']}, profiles {', '.join(m['profiles'])}")  # fmt: skip
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--ckpt", type=click.Path(path_type=Path), default=None, help="default: the manifest's")
+@click.option("--verify", is_flag=True, help="also hash the checkpoint's weight files in full")
+def inspect(directory, ckpt, verify):
+    """Print an engine directory's manifest and check its hashes (and, with --verify, the weights)."""
+    import json
+
+    from x2v.runtime.checkpoint import files_of, resolve
+    from x2v.runtime.engines import EngineError, check, read_manifest, sha256_file
+
+    try:
+        m = read_manifest(directory)
+    except EngineError as e:
+        _fail(e)
+    click.echo(
+        f"{directory}: {m['model']} for {m['gpu']} ({m['backend']}, {m['precision']}, attention {m['attention']})"
+    )
+    click.echo(f"  profiles: {', '.join(m['profiles'])}; built {m['built']}")
+    click.echo("  versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+    click.echo(f"  checkpoint: {m['checkpoint']['dir']} / {m['checkpoint']['dit_file']}")
+    bad = 0
+    for key, e in m["engines"].items():
+        path = Path(directory) / e["file"]
+        ok = path.is_file() and sha256_file(path) == e["sha256"]
+        bad += not ok
+        click.echo(
+            f"  {key:24s} {e['file']:28s} {e['bytes'] / 1e6:8.2f} MB  {'ok' if ok else 'HASH MISMATCH'}"
+        )
+    ckpt = Path(ckpt or m["checkpoint"]["dir"])
+    try:
+        check(m, directory, ckpt, verify_engines=False)
+        click.echo("  checkpoint and this node: ok")
+    except (EngineError, ValueError) as e:
+        click.echo(f"  not loadable here: {e}")
+        bad += 1
+    if verify:
+        for f in files_of(resolve(ckpt, m["checkpoint"]["dit_file"])):
+            click.echo(f"  sha256 {sha256_file(f)}  {f.name}")
+    if bad:
+        sys.exit(1)
+    del json
+
+
 if __name__ == "__main__":
     main()

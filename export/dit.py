@@ -19,7 +19,8 @@ from torch import nn
 
 from x2v.runtime.config import DiTConfig
 
-ATTENTION_IMPLS = ("sdpa", "sage")
+# "sage_op" always emits the registered op (export: ONNX custom node, AOTInductor), whatever the device.
+ATTENTION_IMPLS = ("sdpa", "sage", "sage_op")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa") -> torch.Tensor:
@@ -28,6 +29,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sd
         from x2v.plugins.sage_attention import sage_attention
 
         out = sage_attention(q, k, v)
+    elif impl == "sage_op":
+        import x2v.plugins.sage_attention  # noqa: F401  (registers the op)
+
+        out = torch.ops.x2v.sage_attention(q, k, v)
     else:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         out = out.transpose(1, 2)

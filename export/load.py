@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from x2v.runtime.checkpoint import load_strict, read_state_dict, resolve, to_official_dit
+from x2v.runtime.checkpoint import CheckpointError, load_strict, read_state_dict, resolve, to_official_dit
 from x2v.runtime.config import ModelConfig
 
 
@@ -25,17 +25,42 @@ def build(part: str, cfg: ModelConfig) -> torch.nn.Module:
         return makers[part]()
 
 
-def load_dit(
-    ckpt: Path, cfg: ModelConfig, dtype=torch.bfloat16, sensitive_fp32=False, device="cpu", attn="sdpa"
-):
-    """The DiT with weights converted to `dtype` as they are read (float32 for the sensitive layers if asked)."""
-    from x2v.export.dit import is_sensitive
+def load_dit(ckpt: Path, cfg: ModelConfig, dtype=torch.bfloat16, sensitive_fp32=False, device="cpu", attn="sdpa",
+             dit_file: str | None = None):  # fmt: skip
+    """The DiT with weights converted to `dtype` as they are read (float32 for the sensitive layers if asked).
 
-    pick = (lambda k: torch.float32 if is_sensitive(k) else dtype) if sensitive_fp32 else dtype
-    state, sources = read_state_dict(resolve(ckpt, cfg.files.dit), pick)
+    dit_file overrides the config's DiT file (a stem or file name in `ckpt`, or a path): for example the
+    FP8 checkpoint `x2v-export quantize` wrote, or a LightX2V FP8 file. FP8 checkpoints are recognized by
+    their `.weight_scale` keys; their linears become FP8Linear modules.
+    """
+    from x2v.export.dit import is_sensitive
+    from x2v.export.fp8 import (
+        check_fp8_state,
+        configure_fp8,
+        is_fp8_state,
+        normalize_fp8_state,
+        quantized_names,
+        swap_linears,
+    )
+
+    def pick(key: str):
+        if key.endswith(("_scale", "_amax")):
+            return torch.float32
+        return torch.float32 if sensitive_fp32 and is_sensitive(key) else dtype
+
+    state, sources = read_state_dict(resolve(ckpt, dit_file or cfg.files.dit), pick)
     state, sources = to_official_dit(state, sources)
-    model = load_strict(build("dit", cfg), state, sources)
-    return model.to(device).eval().requires_grad_(False).configure(dtype=dtype, attn=attn)
+    model = build("dit", cfg)
+    if is_fp8_state(state):
+        check_fp8_state(state, sources, CheckpointError)
+        state = normalize_fp8_state(state)
+        names = quantized_names(state)
+        channel = {n: state[f"{n}.weight_scale"].dim() == 1 for n in names}
+        swap_linears(model, names, channel, static=f"{names[0]}.input_scale" in state, bias_dtype=dtype)
+    model = load_strict(model, state, sources)
+    model = model.to(device).eval().requires_grad_(False).configure(dtype=dtype, attn=attn)
+    configure_fp8(model, device)
+    return model
 
 
 def load_part(part: str, ckpt: Path, cfg: ModelConfig, dtype=torch.float32, device="cpu") -> torch.nn.Module:

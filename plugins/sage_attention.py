@@ -163,3 +163,7 @@ def triton_cdiv(a: int, b: int) -> int:
 @_sage_attention_op.register_fake
 def _(q, k, v):
     return torch.empty_like(q)
+
+
+# On the CPU the op computes its specification, so graphs holding it (ONNX, exported programs) run anywhere.
+_sage_attention_op.register_kernel("cpu")(sage_reference)

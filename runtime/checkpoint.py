@@ -70,7 +70,10 @@ def read_state_dict(path: Path, dtype: Callable[[str], torch.dtype | None] | tor
 
 
 def _convert(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    # FP8 tensors are data of a quantized checkpoint, never "a float to upcast".
+    if dtype is None or not t.is_floating_point() or t.element_size() == 1:
+        return t
+    return t.to(dtype)
 
 
 def _read_safetensors(path: Path, pick) -> tuple[StateDict, dict[str, str]]:
@@ -236,3 +239,33 @@ def save_sharded(items, directory: Path, stem: str, max_shard_bytes: int = 5 << 
     index = directory / f"{stem}.safetensors.index.json"
     index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     return index
+
+
+def files_of(path: Path) -> list[Path]:
+    """The files a resolved checkpoint path consists of: the index and its shards, or the one file."""
+    path = Path(path)
+    if path.name.endswith(".index.json"):
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        return [path] + [path.parent / s for s in shards]
+    return [path]
+
+
+def identity(path: Path) -> list[dict]:
+    """A cheap fingerprint of a checkpoint: per file its name, size and the sha256 of its safetensors header
+    (every key, dtype, shape and offset). Changing any tensor's layout changes it; `x2v-export inspect
+    --verify` compares full-content hashes too."""
+    import hashlib
+
+    out = []
+    for f in files_of(path):
+        data = f.read_bytes() if f.suffix == ".json" else _header_bytes(f)
+        out.append(
+            {"file": f.name, "bytes": f.stat().st_size, "header_sha256": hashlib.sha256(data).hexdigest()}
+        )
+    return out
+
+
+def _header_bytes(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return fh.read(n) if n < (1 << 28) else b""

@@ -19,9 +19,10 @@ def main():
 
 
 @main.command()
-@click.option(
-    "--ckpt", type=click.Path(path_type=Path), required=True, help="checkpoint directory (official layout)"
-)
+@click.option("--ckpt", type=click.Path(path_type=Path), default=None,
+              help="checkpoint directory (official layout); with --engines default: the one they were built from")  # fmt: skip
+@click.option("--engines", type=click.Path(path_type=Path), default=None,
+              help="engine directory from `x2v-export build` (default: run the torch models)")  # fmt: skip
 @click.option("--model", default="tiny", show_default=True, help="model config name or YAML path")
 @click.option("--image", type=click.Path(path_type=Path), default=None, help="first frame (I2V models)")
 @click.option("--prompt", required=True)
@@ -37,7 +38,9 @@ def main():
 @click.option(
     "--sequential-cfg", is_flag=True, help="run the two guidance passes one after the other (less memory)"
 )
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--dit", "dit_file", default=None,
+              help="DiT file in --ckpt or a path (e.g. dit-fp8 from `x2v-export quantize`, or a LightX2V FP8 file)")  # fmt: skip
+@click.option("--device", default=None, help="torch backend: cpu or cuda (default cpu); engines: their GPU")
 @click.option("--attn", type=click.Choice(["sdpa", "sage"]), default="sdpa", show_default=True)
 @click.option(
     "--save-latents",
@@ -45,28 +48,36 @@ def main():
     default=None,
     help="also save final latents (.safetensors)",
 )
-def generate(ckpt, model, image, prompt, negative_prompt, out, steps, seed, frames, height, width, teacache,
-             teacache_signal, sequential_cfg, device, attn, save_latents):  # fmt: skip
+def generate(ckpt, engines, model, image, prompt, negative_prompt, out, steps, seed, frames, height, width, teacache,
+             teacache_signal, sequential_cfg, dit_file, device, attn, save_latents):  # fmt: skip
     """Generate a video and write it as MP4."""
     from tqdm import tqdm
 
     from x2v.runtime.checkpoint import CheckpointError
     from x2v.runtime.config import ConfigError, load_model_config
+    from x2v.runtime.engines import EngineError
     from x2v.runtime.pipeline import InputError, Pipeline, check_request
 
     try:  # everything cheap first: a bad request fails before any weight is read
         cfg = load_model_config(model)
         s = cfg.sample
         check_request(cfg, image, prompt, frames or s.frames, height or s.height, width or s.width)
-        if not Path(ckpt).is_dir():
-            raise InputError(f"checkpoint directory not found: {ckpt}")
-        pipe = Pipeline.load(ckpt, cfg, device=device, attn=attn)
+        if engines is not None:
+            if not Path(engines).is_dir():
+                raise InputError(f"engine directory not found: {engines}")
+            pipe = Pipeline.from_engines(engines, ckpt, device)
+            cfg, s = pipe.cfg, pipe.cfg.sample
+            check_request(cfg, image, prompt, frames or s.frames, height or s.height, width or s.width)
+        else:
+            if ckpt is None or not Path(ckpt).is_dir():
+                raise InputError(f"checkpoint directory not found: {ckpt} (give --ckpt, or --engines)")
+            pipe = Pipeline.load(ckpt, cfg, device=device or "cpu", attn=attn, dit_file=dit_file)
         n = steps or s.num_steps
         with tqdm(total=n, desc="denoise", unit="step") as bar:
             result = pipe.generate(image=image, prompt=prompt, negative_prompt=negative_prompt, steps=steps, seed=seed,
                                    teacache=teacache, teacache_signal=teacache_signal, frames=frames, height=height,
                                    width=width, batch_cfg=not sequential_cfg, progress=lambda i: bar.update())  # fmt: skip
-    except (ConfigError, CheckpointError, InputError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, InputError, EngineError, FileNotFoundError) as e:
         _fail(e)
     from x2v.runtime.video import write_mp4
 

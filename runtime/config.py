@@ -110,6 +110,30 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class FP8Config:
+    """Which DiT linears the FP8 recipe quantizes: data, so a recipe change is a config change.
+
+    `quantize` names linears inside a block (e.g. "self_attn.q", "ffn.0"); every block gets them except
+    the first and last `keep_*_blocks`. Everything else (embeddings, time projection, modulation, norms,
+    head) stays in high precision.
+    """
+
+    quantize: tuple[str, ...] = (
+        "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+        "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
+        "ffn.0", "ffn.2",
+    )  # fmt: skip
+    keep_first_blocks: int = 0
+    keep_last_blocks: int = 0
+    weight: str = "tensor"  # weight scales: "tensor" or "channel" (per output channel)
+
+    def targets(self, num_layers: int) -> list[str]:
+        """Full module names of the quantized linears, in block order."""
+        keep = set(range(self.keep_first_blocks)) | set(range(num_layers - self.keep_last_blocks, num_layers))
+        return [f"blocks.{i}.{name}" for i in range(num_layers) if i not in keep for name in self.quantize]
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     description: str = ""
@@ -119,6 +143,7 @@ class ModelConfig:
     t5: T5Config = field(default_factory=T5Config)
     clip: CLIPConfig | None = None
     sample: SampleConfig = field(default_factory=SampleConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
 
 
 def _build(cls, data, where: str):
@@ -186,6 +211,23 @@ def _check(cfg: ModelConfig, path: Path) -> None:
         raise ConfigError(f"{path}: sample.solver must be 'unipc' or 'euler', found {cfg.sample.solver!r}")
     if cfg.sample.solver == "euler" and not cfg.sample.timesteps:
         raise ConfigError(f"{path}: sample.timesteps is required with the euler solver")
+    q = cfg.fp8
+    if q.weight not in ("tensor", "channel"):
+        raise ConfigError(f"{path}: fp8.weight must be 'tensor' or 'channel', found {q.weight!r}")
+    if (
+        q.keep_first_blocks < 0
+        or q.keep_last_blocks < 0
+        or q.keep_first_blocks + q.keep_last_blocks > d.num_layers
+    ):
+        raise ConfigError(
+            f"{path}: fp8.keep_first_blocks + keep_last_blocks must fit in {d.num_layers} blocks"
+        )
+    linears = {"self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+               "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"} | ({"cross_attn.k_img", "cross_attn.v_img"} if d.i2v else set())  # fmt: skip
+    bad = [n for n in q.quantize if n not in linears]
+    if bad:
+        raise ConfigError(f"{path}: fp8.quantize names {bad[0]!r}, not a linear of this model's blocks "
+                          f"(known: {', '.join(sorted(linears))})")  # fmt: skip
 
 
 def load_teacache_coefficients(name: str, signal: str) -> tuple[float, ...]:
@@ -197,3 +239,54 @@ def load_teacache_coefficients(name: str, signal: str) -> tuple[float, ...]:
     if name not in sets:
         raise ConfigError(f"{path}: no TeaCache coefficients {name!r} (known: {', '.join(sorted(sets))})")
     return tuple(float(c) for c in sets[name][signal])
+
+
+@dataclass(frozen=True)
+class GPUConfig:
+    """What a target GPU supports; engines are built for exactly one (configs/gpus/<name>.yaml)."""
+
+    name: str
+    description: str = ""
+    match: tuple[str, ...] = ()  # substrings of the CUDA device name
+    capability: tuple[int, int] | None = None  # None: CPU
+    memory_gb: float | None = None
+    precisions: tuple[str, ...] = ("bf16",)  # "fp8", "bf16", "fp32"
+    attention: tuple[str, ...] = ("sdpa",)  # "sage", "sdpa"
+    backend: str = "aoti"  # "aoti", "tensorrt" or "onnx"
+    autotune: bool = False
+    vae_chunk: int = 1
+    offload_encoders: bool = False
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.capability is None else "cuda"
+
+    def matches(self, device_name: str, capability: tuple[int, int] | None) -> bool:
+        if self.capability is None:
+            return capability is None
+        return tuple(self.capability) == tuple(capability or ()) and any(m in device_name for m in self.match)
+
+
+def known_gpus() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "gpus").glob("*.yaml"))
+
+
+def load_gpu_config(name: str) -> GPUConfig:
+    import yaml
+
+    path = CONFIG_DIR / "gpus" / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"unknown GPU {name!r}; known GPUs: {', '.join(known_gpus())}")
+    cfg = _build(GPUConfig, {"name": name, **(yaml.safe_load(path.read_text()) or {})}, str(path))
+    if cfg.backend not in ("aoti", "tensorrt", "onnx"):
+        raise ConfigError(f"{path}: backend must be aoti, tensorrt or onnx, found {cfg.backend!r}")
+    return cfg
+
+
+def current_gpu() -> tuple[str, tuple[int, int] | None]:
+    """(device name, compute capability) of the CUDA device in use, or ('cpu', None)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu", None
+    return torch.cuda.get_device_name(), tuple(torch.cuda.get_device_capability())

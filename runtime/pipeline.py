@@ -96,9 +96,16 @@ def i2v_mask(frames: int, lat_h: int, lat_w: int) -> torch.Tensor:
     return msk.view((frames + 3) // 4, 4, lat_h, lat_w).transpose(0, 1)
 
 
+def output_size(cfg: ModelConfig, image: torch.Tensor | None, height: int, width: int) -> tuple[int, int]:
+    """The video's (height, width): as asked for T2V; for I2V the image's aspect ratio at that pixel area."""
+    return i2v_size(image.shape[1:], height * width) if cfg.dit.i2v else (height, width)
+
+
 class Pipeline:
-    def __init__(self, cfg: ModelConfig, parts: dict, device: str, load_s: float = 0.0):
-        self.cfg, self.device, self.load_s = cfg, torch.device(device), load_s
+    def __init__(
+        self, cfg: ModelConfig, parts: dict, device: str, load_s: float = 0.0, manifest: dict | None = None
+    ):
+        self.cfg, self.device, self.load_s, self.manifest = cfg, torch.device(device), load_s, manifest
         self.tokenizer, self.t5, self.clip, self.vae, self.dit = (
             parts.get(k) for k in ("tokenizer", "t5", "clip", "vae", "dit")
         )
@@ -106,8 +113,11 @@ class Pipeline:
 
     @classmethod
     def load(cls, ckpt: Path, model: str | ModelConfig = "tiny", device: str = "cpu", dtype=None, attn: str = "sdpa",
-             sensitive_fp32: bool = False) -> Pipeline:  # fmt: skip
-        """Torch backend: the export-side models loaded from a checkpoint directory."""
+             sensitive_fp32: bool = False, dit_file: str | None = None) -> Pipeline:  # fmt: skip
+        """Torch backend: the export-side models loaded from a checkpoint directory.
+
+        dit_file: another DiT file in (or path outside) `ckpt`, e.g. the FP8 checkpoint of `x2v-export quantize`.
+        """
         from x2v.export.load import load_dit, load_part
         from x2v.runtime.tokenizer import Tokenizer
 
@@ -116,7 +126,7 @@ class Pipeline:
         dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
         parts = {
             "tokenizer": Tokenizer(Path(ckpt) / cfg.files.tokenizer, cfg.dit.text_len),
-            "dit": load_dit(ckpt, cfg, dtype=dtype, sensitive_fp32=sensitive_fp32, device=device, attn=attn),
+            "dit": load_dit(ckpt, cfg, dtype, sensitive_fp32, device, attn, dit_file),
             "vae": load_part("vae", ckpt, cfg, dtype=dtype, device=device),
             "t5": load_part("t5", ckpt, cfg, dtype=dtype, device=device),
         }
@@ -125,6 +135,25 @@ class Pipeline:
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         return cls(cfg, parts, device, time.perf_counter() - t0)
+
+    @classmethod
+    def from_engines(cls, engines: Path, ckpt: Path | None = None, device: str | None = None) -> Pipeline:
+        """Engine backend: the DiT from an engine directory (checked against its manifest), weights bound from
+        the checkpoint's safetensors; umT5, CLIP and the VAE run as torch modules (not engines yet)."""
+        from x2v.export.load import load_part
+        from x2v.runtime import engines as E
+        from x2v.runtime.tokenizer import Tokenizer
+
+        t0 = time.perf_counter()
+        dit, m, ckpt = E.load(engines, ckpt, device)
+        cfg, device = load_model_config(m["model"]), dit.device
+        dtype = E.DTYPES[m["compute_dtype"]]
+        parts = {"tokenizer": Tokenizer(Path(ckpt) / cfg.files.tokenizer, cfg.dit.text_len), "dit": dit}
+        for part in ("vae", "t5") + (("clip",) if cfg.dit.i2v else ()):
+            parts[part] = load_part(part, ckpt, cfg, dtype=dtype, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return cls(cfg, parts, str(device), time.perf_counter() - t0, manifest=m)
 
     @torch.no_grad()
     def encode(
@@ -165,6 +194,14 @@ class Pipeline:
         frames, height, width = frames or s.frames, height or s.height, width or s.width
         guide_scale = s.guide_scale if guide_scale is None else guide_scale
         image = check_request(self.cfg, image, prompt, frames, height, width)
+        if self.manifest is not None:  # engines exist for the built profiles only, at batch 1
+            h, w = output_size(self.cfg, image, height, width)
+            if f"{frames}x{h}x{w}" not in self.manifest["profiles"]:
+                raise InputError(
+                    f"the engines were built for {', '.join(self.manifest['profiles'])} (frames x height x width); "
+                    f"this request is {frames}x{h}x{w}: build that profile with `x2v-export build --profile {frames}x{h}x{w}`"
+                )
+            batch_cfg = False
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         timings = {"load_s": self.load_s}

@@ -1,0 +1,172 @@
+"""`x2v-export build`: a checkpoint -> an engine directory for one GPU (engines + manifest.json).
+
+Every engine carries a key: the hash of everything it was built from (model config, profile, precision,
+attention, backend and its versions, the checkpoint's tensor layout, x2v's export source). A rebuild reuses
+an engine only when its key and file hash match, so a stale artifact is never picked up silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from x2v.export import engines as E
+from x2v.runtime.checkpoint import CheckpointError, identity, resolve
+from x2v.runtime.config import ConfigError, current_gpu, load_gpu_config, load_model_config
+from x2v.runtime.engines import FORMAT, MANIFEST, dtype_name, sha256_file
+
+SOURCES = ("export/dit.py", "export/engines.py", "export/fp8.py", "export/onnx_ops.py",
+           "plugins/sage_attention.py", "plugins/sage_kernels.py")  # fmt: skip
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class BuildError(ValueError):
+    """A build request cannot be honoured; the message says why and what to do."""
+
+
+def parse_profile(text: str) -> tuple[int, int, int]:
+    try:
+        f, h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise BuildError(f"profile {text!r}: expected FRAMESxHEIGHTxWIDTH, e.g. 81x480x832") from None
+    if (f - 1) % 4 or h % 16 or w % 16:
+        raise BuildError(f"profile {text!r}: frames must be 4k+1, height and width multiples of 16")
+    return f, h, w
+
+
+def versions(backend: str) -> dict:
+    v = {"torch": torch.__version__}
+    for mod in ("triton", "onnx", "onnxruntime", "modelopt", "tensorrt"):
+        try:
+            v[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return v
+
+
+def source_hash() -> str:
+    h = hashlib.sha256()
+    for rel in SOURCES:
+        h.update((ROOT / rel).read_bytes())
+    return h.hexdigest()
+
+
+def build(model: str, ckpt: Path, gpu: str, out: Path, precision: str | None = None, attn: str | None = None,
+          backend: str | None = None, dit_file: str | None = None, profiles: list[str] | None = None,
+          log=print) -> dict:  # fmt: skip
+    from x2v.export.load import load_dit
+
+    cfg, g = load_model_config(model), load_gpu_config(gpu)
+    backend = backend or g.backend
+    if backend not in ("aoti", "onnx", "tensorrt"):
+        raise BuildError(f"unknown backend {backend!r}; choose aoti, onnx or tensorrt")
+    high = [p for p in g.precisions if p != "fp8"]
+    precision = precision or ("fp8" if (dit_file and "fp8" in g.precisions) or not high else high[0])
+    if precision not in g.precisions:
+        raise BuildError(
+            f"{gpu} does not run {precision} ({g.description} supports: {', '.join(g.precisions)})"
+        )
+    attn = attn or g.attention[0]
+    if attn not in g.attention:
+        raise BuildError(f"{gpu} does not run attention {attn!r} (supports: {', '.join(g.attention)})")
+    if g.device == "cuda":
+        name, cap = current_gpu()
+        if not g.matches(name, cap):
+            raise BuildError(f"building for {gpu} needs a {g.description}: engines are compiled and tuned on the GPU "
+                             f"they run on; this machine has {name if cap else 'no CUDA GPU'}")  # fmt: skip
+    if precision == "fp8" and not dit_file:
+        if any(Path(ckpt).glob("dit-fp8.safetensors*")):
+            dit_file = "dit-fp8"
+        else:
+            raise BuildError(f"precision fp8 needs an FP8 DiT: run `x2v-export calibrate` and `x2v-export quantize` "
+                             f"on {ckpt} first, or pass --dit with a LightX2V FP8 file")  # fmt: skip
+    dit_path = resolve(ckpt, dit_file or cfg.files.dit)
+    shapes = [
+        parse_profile(p)
+        for p in (profiles or [f"{cfg.sample.frames}x{cfg.sample.height}x{cfg.sample.width}"])
+    ]
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    old = {}
+    if (out / MANIFEST).is_file():
+        old = json.loads((out / MANIFEST).read_text()).get("engines", {})
+    compute = torch.float32 if g.device == "cpu" else torch.bfloat16
+    t0 = time.perf_counter()
+    dit = load_dit(ckpt, cfg, dtype=compute, device=g.device, attn="sage_op" if attn == "sage" else attn,
+                   dit_file=dit_file)  # fmt: skip
+    state_is_fp8 = any(b.dtype == torch.float8_e4m3fn for b in dit.buffers())
+    if (precision == "fp8") != state_is_fp8:
+        raise BuildError(
+            f"precision {precision} but {dit_path.name} is {'an FP8' if state_is_fp8 else 'not an FP8'} checkpoint"
+        )
+    log(f"loaded {cfg.name} DiT from {dit_path} in {time.perf_counter() - t0:.1f} s")
+    ckpt_id = identity(dit_path)
+    common = {"model": dataclasses.asdict(cfg), "gpu": dataclasses.asdict(g), "precision": precision,
+              "attn": attn, "backend": backend, "versions": versions(backend), "checkpoint": ckpt_id,
+              "source": source_hash()}  # fmt: skip
+    ext = {"aoti": "pt2", "onnx": "onnx", "tensorrt": "plan"}[backend]
+    inductor = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"} if g.autotune else {}
+    entries, timings = {}, {}
+    jobs = [("time", None)] + [(e, s) for s in shapes for e in ("pre", "block", "post")]
+    for engine, shape in jobs:
+        prof = None if shape is None else f"{shape[0]}x{shape[1]}x{shape[2]}"
+        key = engine if prof is None else f"{engine}@{prof}"
+        latent = (1, cfg.vae.z_dim, (shape[0] - 1) // 4 + 1, shape[1] // 8, shape[2] // 8) if shape else \
+            (1, cfg.vae.z_dim, 1, 2 * cfg.dit.patch_size[1], 2 * cfg.dit.patch_size[2])  # fmt: skip
+        digest = hashlib.sha256(
+            json.dumps({**common, "engine": key}, sort_keys=True, default=str).encode()
+        ).hexdigest()
+        file = f"{engine}{'' if prof is None else '-' + prof}.{ext}"
+        prev = old.get(key)
+        if (
+            prev
+            and prev.get("key") == digest
+            and (out / file).is_file()
+            and sha256_file(out / file) == prev["sha256"]
+        ):
+            entries[key] = prev
+            log(f"{key}: up to date")
+            continue
+        t1 = time.perf_counter()
+        names, acts = E.example_inputs(dit, engine, latent, g.device, compute)
+        if backend == "aoti":
+            E.export_aoti(dit, engine, latent, out / file, g.device, inductor)
+        else:
+            E.export_onnx(
+                dit, engine, latent, out / (file if backend == "onnx" else f"{engine}-{prof}.onnx"), g.device
+            )
+            if backend == "tensorrt":
+                from x2v.export.tensorrt import build_plan
+
+                build_plan(out / f"{engine}-{prof}.onnx", out / file, g)
+        timings[key] = time.perf_counter() - t1
+        wstate = (dit.blocks[0] if engine == "block" else dit).state_dict()
+        entries[key] = {
+            "file": file, "sha256": sha256_file(out / file), "bytes": (out / file).stat().st_size, "key": digest,
+            "inputs": [[n, dtype_name(a.dtype), list(a.shape)] for n, a in zip(names, acts)],
+            "outputs": E.OUTPUTS[engine],
+            "weights": [[n, dtype_name(wstate[n].dtype)] for n in E.weight_names(dit, engine)],
+            "build_s": round(timings[key], 2),
+        }  # fmt: skip
+        log(f"{key}: built {file} in {timings[key]:.1f} s ({entries[key]['bytes'] / 1e6:.1f} MB)")
+    manifest = {
+        "format": FORMAT, "model": cfg.name, "model_config": json.loads(json.dumps(dataclasses.asdict(cfg))),
+        "gpu": gpu, "backend": backend, "precision": precision, "attention": attn,
+        "compute_dtype": dtype_name(compute), "batch": 1,
+        "profiles": [f"{f}x{h}x{w}" for f, h, w in shapes],
+        "versions": common["versions"], "source_sha256": common["source"],
+        "checkpoint": {"dir": str(Path(ckpt).resolve()), "identity": ckpt_id,
+                       "dit_file": dit_path.name.removesuffix(".index.json").removesuffix(".safetensors")},
+        "engines": entries, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }  # fmt: skip
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+__all__ = ["build", "BuildError", "ConfigError", "CheckpointError"]

@@ -1,0 +1,149 @@
+"""The DiT as four engines with weights as inputs: `time`, `pre`, `block`, `post`.
+
+Each engine is a plain function of (activations..., weights...). One `block` engine serves all blocks: the
+runtime passes block i's tensors from the checkpoint, so plans hold no weights, build once, and TeaCache
+can skip the block calls. `time` is tiny and separate so the TeaCache schedule is computed up front.
+
+Backends: `aoti` (torch.export + AOTInductor `.pt2`, the compiled engine measured on H100/H200), `onnx`
+(ONNX graphs; run by ONNX Runtime on CPU, and the input of the TensorRT builder in export/tensorrt.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ENGINES = ("time", "pre", "block", "post")
+PREFIXES = {
+    "time": ("time_embedding.", "time_projection."),
+    "pre": ("patch_embedding.", "text_embedding.", "time_embedding.", "time_projection.", "img_emb."),
+    "post": ("head.",),
+}
+OUTPUTS = {
+    "time": ["e", "e0"],
+    "pre": ["tokens", "e", "e0", "context_emb", "rope_cos", "rope_sin"],
+    "block": ["tokens_out"],
+    "post": ["flow"],
+}
+
+
+class _Call(nn.Module):
+    """Calls one method of a model whose tensors all arrive as inputs (the model itself is hidden from
+    torch.export, so no weight is captured as a constant)."""
+
+    def __init__(self, model: nn.Module, method, names: list[str]):
+        super().__init__()
+        object.__setattr__(self, "_model", model)
+        self.method, self.names = method, list(names)
+
+    def forward(self, *args):
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        n = len(args) - len(self.names)
+        with _reparametrize_module(self._model, dict(zip(self.names, args[n:]))):
+            return self.method(self._model, *args[:n])
+
+
+def weight_names(dit, engine: str) -> list[str]:
+    """Checkpoint keys an engine reads, relative to a block for `block`."""
+    state = dit.state_dict(keep_vars=True)
+    if engine == "block":
+        return list(dit.blocks[0].state_dict(keep_vars=True))
+    return [k for k in state if k.startswith(PREFIXES[engine])]
+
+
+def engine_module(dit, engine: str, grid=None) -> nn.Module:
+    names = weight_names(dit, engine)
+    methods = {"block": type(dit.blocks[0]).forward, "time": type(dit).time, "pre": type(dit).pre,
+               "post": lambda m, x, e: type(m).post(m, x, e, grid)}  # fmt: skip
+    return _Call(dit.blocks[0] if engine == "block" else dit, methods[engine], names).eval()
+
+
+def example_inputs(
+    dit, engine: str, shape, device, dtype=torch.bfloat16
+) -> tuple[list[str], list[torch.Tensor]]:
+    """(names, tensors) of an engine's activation inputs for a latent shape [B, z, T, h, w]."""
+    cfg = dit.cfg
+    b, _, f, h, w = shape
+    gf, gh, gw = dit.grid(shape)
+    n = gf * gh * gw
+    r = lambda *s, dt=torch.float32: torch.randn(*s, device=device).to(dt)
+    lc = cfg.text_len + (cfg.clip_tokens if cfg.i2v else 0)
+    if engine == "time":
+        return ["t"], [torch.full((b,), 500.0, device=device)]
+    if engine == "pre":
+        names, vals = (
+            ["x", "t", "context"],
+            [r(*shape), torch.full((b,), 500.0, device=device), r(b, cfg.text_len, cfg.text_dim, dt=dtype)],
+        )
+        if cfg.i2v:
+            names += ["clip_fea", "y"]
+            vals += [r(b, cfg.clip_tokens, cfg.clip_dim, dt=dtype), r(b, cfg.in_dim - 16, f, h, w)]
+        return names, vals
+    if engine == "block":
+        c2 = cfg.head_dim // 2
+        return (["tokens", "e0", "context_emb", "rope_cos", "rope_sin"],
+                [r(b, n, cfg.dim), r(b, 6, cfg.dim), r(b, lc, cfg.dim, dt=dtype), r(n, c2), r(n, c2)])  # fmt: skip
+    return ["tokens", "e"], [r(b, n, cfg.dim), r(b, cfg.dim)]
+
+
+def engine_weights(dit, engine: str) -> list[torch.Tensor]:
+    """The weight tensors (block 0 for `block`) in the order the engine takes them."""
+    state = (dit.blocks[0] if engine == "block" else dit).state_dict()
+    return [state[k] for k in weight_names(dit, engine)]
+
+
+def export_aoti(dit, engine: str, shape, path: Path, device, inductor_configs: dict | None = None) -> dict:
+    """torch.export + AOTInductor package of one engine, weights as inputs. Returns its input/output names."""
+    module = engine_module(dit, engine, dit.grid(shape))
+    names, acts = example_inputs(dit, engine, shape, device, _act_dtype(dit))
+    args = tuple(acts) + tuple(engine_weights(dit, engine))
+    with torch.no_grad():
+        ep = torch.export.export(module, args, strict=False)
+        torch._inductor.aoti_compile_and_package(
+            ep, package_path=str(path), inductor_configs=inductor_configs or {}
+        )
+    return {"inputs": names, "outputs": OUTPUTS[engine], "weights": weight_names(dit, engine)}
+
+
+def export_onnx(dit, engine: str, shape, path: Path, device="cpu", opset: int = 21) -> dict:
+    """ONNX graph of one engine, weights as graph inputs; the SageAttention op becomes an `x2v.SageAttention`
+    node, FP8 linears QuantizeLinear/DequantizeLinear pairs. External data when the graph is over 2 GB."""
+    from x2v.export.onnx_ops import translation_table
+
+    module = engine_module(dit, engine, dit.grid(shape))
+    names, acts = example_inputs(dit, engine, shape, device, _act_dtype(dit))
+    wnames = weight_names(dit, engine)
+    args = tuple(acts) + tuple(engine_weights(dit, engine))
+    with torch.no_grad(), _quiet():
+        program = torch.onnx.export(
+            module, args, dynamo=True, opset_version=opset, input_names=names + [f"w:{k}" for k in wnames],
+            output_names=OUTPUTS[engine], custom_translation_table=translation_table(), optimize=True,
+            verbose=False, report=False,
+        )  # fmt: skip
+        big = sum(a.numel() * a.element_size() for a in args) > (2 << 30)
+        program.save(str(path), external_data=big)
+    return {"inputs": names, "outputs": OUTPUTS[engine], "weights": wnames}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The ONNX exporter's chatter (warnings, optimizer prints) is noise for a user of `build`."""
+    import io
+    import logging
+    import warnings
+
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _act_dtype(dit) -> torch.dtype:
+    return dit.blocks[0].dtype

@@ -1,0 +1,188 @@
+"""FP8 E4M3 linears for the DiT blocks, and loading of FP8 checkpoints (x2v's static recipe or LightX2V's).
+
+A quantized linear keeps the official key names: `<name>.weight` in float8_e4m3fn, `<name>.weight_scale`
+(float32, one per tensor or one per output channel), `<name>.bias`, and, for statically calibrated
+activations, `<name>.input_scale` (one float32). Without `input_scale` activations are quantized per token
+at run time (LightX2V's format). The value of a weight is `weight.float() * weight_scale`.
+
+On sm89+ GPUs the product runs on `torch._scaled_mm`; elsewhere the same math runs dequantized in float32
+(said once in the log): slower, never different in what is computed except accumulation order.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("x2v")
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+_warned: set[str] = set()
+
+
+def fp8_supported(device) -> bool:
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale rounded to E4M3, saturating at +-448 (a plain cast would turn overflow into NaN)."""
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+def token_scales(x2: torch.Tensor) -> torch.Tensor:
+    """[M, K] -> [M, 1] float32 per-token scales amax/448 (LightX2V's dynamic activation scaling)."""
+    return (x2.abs().amax(-1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)
+
+
+# Quantize/dequantize as ops of their own, so that an exported graph holds them as ONNX QuantizeLinear /
+# DequantizeLinear nodes (export/onnx_ops.py), the form TensorRT builds FP8 GEMMs from.
+
+
+@torch.library.custom_op("x2v::fp8_quantize", mutates_args=())
+def fp8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] -> E4M3; scale one value, or [M, 1] per row."""
+    return quantize(x, scale)
+
+
+@fp8_quantize.register_fake
+def _(x, scale):
+    return torch.empty_like(x, dtype=E4M3)
+
+
+@torch.library.custom_op("x2v::fp8_dequantize", mutates_args=())
+def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """E4M3 [M, K] -> float32 q * scale; scale one value, or [M, 1] per row."""
+    return q.float() * scale
+
+
+@fp8_dequantize.register_fake
+def _(q, scale):
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+class FP8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, channel: bool = False,
+                 static: bool = True, bias_dtype=torch.bfloat16):  # fmt: skip
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.channel, self.static = channel, static
+        self.impl = "dequant"
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=E4M3))
+        self.register_buffer("weight_scale", torch.empty((out_features,) if channel else ()))
+        self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype) if bias else None)
+        self.register_buffer("input_scale", torch.empty(()) if static else None)
+
+    def extra_repr(self) -> str:
+        acts = "static per-tensor" if self.static else "dynamic per-token"
+        weights = "per-channel" if self.channel else "per-tensor"
+        return f"{self.in_features}, {self.out_features}, weights {weights}, activations {acts}, {self.impl}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        xs = self.input_scale.float() if self.static else token_scales(x2)
+        ws = self.weight_scale.float()
+        if self.impl == "scaled_mm":
+            out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+            rowwise = self.channel or not self.static
+            m, n = x2.shape[0], self.out_features
+            out = torch._scaled_mm(
+                quantize(x2, xs),
+                self.weight.t(),
+                scale_a=xs.expand(m, 1) if rowwise else xs,
+                scale_b=(ws[None] if self.channel else ws.expand(1, n)) if rowwise else ws,
+                out_dtype=out_dtype,
+            )
+            if self.bias is not None:
+                out = out + self.bias.to(out_dtype)
+        else:
+            xq = fp8_dequantize(fp8_quantize(x2, xs), xs)
+            w = fp8_dequantize(self.weight, ws[:, None] if self.channel else ws)
+            out = F.linear(xq, w, None if self.bias is None else self.bias.float())
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def quantized_names(state) -> list[str]:
+    """Module names that carry FP8 weights in a state dict (those with a `.weight_scale`)."""
+    return sorted(k[: -len(".weight_scale")] for k in state if k.endswith(".weight_scale"))
+
+
+def is_fp8_state(state) -> bool:
+    return any(k.endswith(".weight_scale") for k in state)
+
+
+def check_fp8_state(state, sources, error=ValueError) -> None:
+    """Refuse corrupt or mismatched scales with the key and file in the message."""
+    for name in quantized_names(state):
+        w, ws = state.get(f"{name}.weight"), state[f"{name}.weight_scale"]
+        where = sources.get(f"{name}.weight_scale", "<memory>")
+        if w is None:
+            raise error(f"{where}: {name}.weight_scale has no {name}.weight next to it")
+        if w.dtype != E4M3:
+            raise error(f"{where}: {name}.weight is {w.dtype}, expected float8_e4m3fn next to a weight_scale")
+        if ws.numel() not in (1, w.shape[0]) or (ws.numel() > 1 and ws.dim() > 1 and ws.shape[1:] != (1,)):
+            raise error(
+                f"{where}: {name}.weight_scale has shape {list(ws.shape)}; expected [], [1], "
+                f"[{w.shape[0]}] or [{w.shape[0]}, 1] for a weight of shape {list(w.shape)}"
+            )
+        scales = [(f"{name}.weight_scale", ws)]
+        if f"{name}.input_scale" in state:
+            xs = state[f"{name}.input_scale"]
+            if xs.numel() != 1:
+                raise error(f"{where}: {name}.input_scale has shape {list(xs.shape)}; expected one value")
+            scales.append((f"{name}.input_scale", xs))
+        for key, s in scales:
+            if not torch.isfinite(s.float()).all() or (s.float() <= 0).any():
+                raise error(f"{where}: {key} holds non-finite or non-positive values: a corrupt checkpoint")
+    statics = {f"{n}.input_scale" in state for n in quantized_names(state)}
+    if len(statics) > 1:
+        raise error("the FP8 checkpoint mixes static (input_scale) and dynamic linears; expected one kind")
+
+
+def normalize_fp8_state(state) -> dict:
+    """Scales to the module's shapes: per-tensor scales as [], per-channel as [out]; floats as float32."""
+    out = dict(state)
+    for name in quantized_names(state):
+        ws = state[f"{name}.weight_scale"].float()
+        out[f"{name}.weight_scale"] = ws.reshape(()) if ws.numel() == 1 else ws.reshape(-1)
+        if f"{name}.input_scale" in state:
+            out[f"{name}.input_scale"] = state[f"{name}.input_scale"].float().reshape(())
+    return out
+
+
+def swap_linears(model: nn.Module, names, channel, static: bool, bias_dtype=torch.bfloat16) -> nn.Module:
+    """Replace the named nn.Linear modules by (empty) FP8Linear modules, in place; works on meta models.
+
+    channel: one bool for all, or a dict name -> bool (a checkpoint may mix per-tensor and per-channel).
+    """
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child, None)
+        if not isinstance(old, nn.Linear):
+            raise ValueError(f"{name} is not a linear of this model ({type(old).__name__})")
+        ch = channel[name] if isinstance(channel, dict) else channel
+        with torch.device(old.weight.device):
+            new = FP8Linear(old.in_features, old.out_features, old.bias is not None, ch, static, bias_dtype)
+        setattr(parent, child, new)
+    return model
+
+
+def configure_fp8(model: nn.Module, device, impl: str | None = None) -> str:
+    """Pick the FP8 product for every FP8Linear: `torch._scaled_mm` where the GPU has FP8 units."""
+    impl = impl or ("scaled_mm" if fp8_supported(device) else "dequant")
+    if (
+        impl == "dequant"
+        and str(device) not in _warned
+        and any(isinstance(m, FP8Linear) for m in model.modules())
+    ):
+        _warned.add(str(device))
+        log.warning("FP8 matmul is not supported on %s: FP8 weights run dequantized in float32", device)
+    for m in model.modules():
+        if isinstance(m, FP8Linear):
+            m.impl = impl
+    return impl

@@ -1,0 +1,222 @@
+"""Load an engine directory (manifest.json + engines) and drive it as a DiT callable for the runtime loop.
+
+The manifest says what the engines were built from and for; loading refuses anything that does not match
+this node (GPU, backend version, checkpoint, model config) with a message naming the mismatch and the
+command that rebuilds. Weights are read from the checkpoint's safetensors and bound at load: one `block`
+engine runs every block with that block's tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from x2v.runtime.checkpoint import identity, read_state_dict, resolve
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float8_e4m3fn": torch.float8_e4m3fn}  # fmt: skip
+
+
+class EngineError(ValueError):
+    """An engine directory is missing, stale or built for something else; the message says how to rebuild."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def profile_key(latent_shape) -> str:
+    """'TxHxW' of a latent [B, z, T, h, w] in pixels-and-frames terms: frames x height x width."""
+    t, h, w = latent_shape[-3:]
+    return f"{(t - 1) * 4 + 1}x{h * 8}x{w * 8}"
+
+
+def read_manifest(directory: Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise EngineError(
+            f"{directory}: no {MANIFEST}; build engines with `x2v-export build --gpu <name> --out {directory}`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EngineError(f"{path}: not valid JSON ({e}); rebuild the engines") from None
+    if manifest.get("format") != FORMAT:
+        raise EngineError(
+            f"{path}: manifest format {manifest.get('format')}, this x2v reads {FORMAT}; rebuild the engines"
+        )
+    return manifest
+
+
+def rebuild_hint(m: dict) -> str:
+    return (f"rebuild with `x2v-export build --model {m['model']} --ckpt <checkpoint> --gpu <this gpu> "
+            f"--precision {m['precision']} --out <dir>`")  # fmt: skip
+
+
+def check(manifest: dict, directory: Path, ckpt: Path, verify_engines: bool = True) -> None:
+    """Refuse engines built for another GPU, backend version, model config or checkpoint."""
+    from x2v.runtime.config import current_gpu, load_gpu_config, load_model_config
+
+    m, hint = manifest, rebuild_hint(manifest)
+    gpu = load_gpu_config(m["gpu"])
+    name, cap = current_gpu() if gpu.device == "cuda" else ("cpu", None)
+    if not gpu.matches(name, cap):
+        have = name if cap is None else f"{name} (sm{cap[0]}{cap[1]})"
+        raise EngineError(
+            f"{directory}: engines were built for {m['gpu']} ({gpu.description}); this node has {have}: {hint}"
+        )
+    if m["backend"] == "aoti" and m["versions"]["torch"] != torch.__version__:
+        raise EngineError(f"{directory}: AOTInductor engines built with torch {m['versions']['torch']}, "
+                          f"this node has torch {torch.__version__}: {hint}")  # fmt: skip
+    if m["backend"] == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise EngineError(
+                f"{directory}: ONNX engines need onnxruntime: pip install onnxruntime"
+            ) from None
+    cfg = load_model_config(m["model"])
+    if json.loads(json.dumps(dataclasses.asdict(cfg))) != m["model_config"]:
+        raise EngineError(
+            f"{directory}: the model config {m['model']} changed since these engines were built: {hint}"
+        )
+    dit = resolve(ckpt, m["checkpoint"]["dit_file"])
+    if identity(dit) != m["checkpoint"]["identity"]:
+        raise EngineError(f"{directory}: the DiT weights in {ckpt} are not the ones these engines were built with "
+                          f"(file list, sizes or tensor layout differ): {hint}")  # fmt: skip
+    if verify_engines:
+        for key, e in m["engines"].items():
+            path = Path(directory) / e["file"]
+            if not path.is_file():
+                raise EngineError(f"{directory}: engine {key} missing ({e['file']}): {hint}")
+            if sha256_file(path) != e["sha256"]:
+                raise EngineError(
+                    f"{directory}: engine file {e['file']} does not match its manifest hash: {hint}"
+                )
+
+
+def _aoti(path: Path, device):
+    from torch._inductor import aoti_load_package
+
+    runner = aoti_load_package(str(path))
+    return lambda *args: runner(*args)
+
+
+def _ort(path: Path, device):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+
+    def value(t: torch.Tensor):
+        t = t.detach().contiguous().cpu()
+        if t.dtype == torch.float8_e4m3fn:  # numpy has no float8: pass the bytes with their ONNX type
+            return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(t.view(torch.uint8).numpy(), 17)
+        return ort.OrtValue.ortvalue_from_numpy(t.numpy())
+
+    def run(*args):
+        outs = sess.run(None, {n: value(a) for n, a in zip(names, args)})
+        return [torch.from_numpy(o) for o in outs]
+
+    return run
+
+
+LOADERS = {"aoti": _aoti, "onnx": _ort}
+
+
+class EngineDiT:
+    """The DiT callable of the runtime loop (time/pre/run_blocks/post/grid) over loaded engines."""
+
+    def __init__(self, manifest: dict, engines: dict, weights: dict, device):
+        self.m, self.engines, self.weights, self.device = manifest, engines, weights, torch.device(device)
+        self.patch = tuple(manifest["model_config"]["dit"]["patch_size"])
+        self.num_layers = manifest["model_config"]["dit"]["num_layers"]
+
+    def _run(self, name: str, profile: str | None, inputs: list, weights: list):
+        key = name if profile is None else f"{name}@{profile}"
+        if key not in self.engines:
+            have = ", ".join(self.m["profiles"])
+            raise EngineError(
+                f"no {name} engine for {profile} (frames x height x width); built profiles: {have}"
+            )
+        spec = self.m["engines"][key]["inputs"]
+        args = []
+        for (n, dt, shape), a in zip(spec, inputs):
+            if list(a.shape) != shape:
+                raise EngineError(f"{key}: input {n} has shape {list(a.shape)}, the engine takes {shape}")
+            args.append(a.to(self.device, DTYPES[dt]))
+        out = self.engines[key](*args, *weights)
+        return out if isinstance(out, (list, tuple)) else [out]
+
+    def grid(self, shape):
+        pt, ph, pw = self.patch
+        return shape[2] // pt, shape[3] // ph, shape[4] // pw
+
+    def time(self, t):
+        """t [n] -> e [n, C], e0 [n, 6, C]; the engine takes one timestep (TeaCache asks for all at once)."""
+        outs = [self._run("time", None, [t[i : i + 1]], self.weights["time"]) for i in range(t.shape[0])]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+    def pre(self, x, t, context, clip_fea=None, y=None):
+        self.profile = profile_key(x.shape)
+        inputs = [x, t, context] + ([clip_fea, y] if clip_fea is not None else [])
+        return tuple(self._run("pre", self.profile, inputs, self.weights["pre"]))
+
+    def run_blocks(self, x, e0, context, cos, sin):
+        for w in self.weights["blocks"]:
+            (x,) = self._run("block", self.profile, [x, e0, context, cos, sin], w)
+        return x
+
+    def post(self, x, e, grid):
+        (out,) = self._run("post", self.profile, [x, e], self.weights["post"])
+        return out
+
+
+def load(directory: Path, ckpt: Path | None = None, device=None, verify_engines: bool = True):
+    """-> (EngineDiT, manifest, checkpoint directory). Checks everything before reading any weight."""
+    directory = Path(directory)
+    m = read_manifest(directory)
+    ckpt = Path(ckpt or m["checkpoint"]["dir"])
+    check(m, directory, ckpt, verify_engines)
+    device = torch.device(device or ("cpu" if m["gpu"] == "cpu" else "cuda"))
+    dt = {}
+    for e in m["engines"].values():
+        for name, dtype in e["weights"]:
+            dt[name] = DTYPES[dtype]
+    block_dt = {
+        n: d for n, d in m["engines"][next(k for k in m["engines"] if k.startswith("block"))]["weights"]
+    }
+    pick = lambda key: DTYPES[block_dt[key.split(".", 2)[2]]] if key.startswith("blocks.") else dt.get(key)
+    state, _ = read_state_dict(resolve(ckpt, m["checkpoint"]["dit_file"]), pick)
+    state = {k: v.to(device) for k, v in state.items()}
+    first = lambda prefix: next(e for k, e in m["engines"].items() if k.split("@")[0] == prefix)
+    weights = {
+        "time": [state[n] for n, _ in first("time")["weights"]],
+        "pre": [state[n] for n, _ in first("pre")["weights"]],
+        "post": [state[n] for n, _ in first("post")["weights"]],
+        "blocks": [[state[f"blocks.{i}.{n}"] for n, _ in first("block")["weights"]]
+                   for i in range(m["model_config"]["dit"]["num_layers"])],
+    }  # fmt: skip
+    loader = LOADERS.get(m["backend"])
+    if loader is None:
+        raise EngineError(
+            f"{directory}: backend {m['backend']!r} cannot run on this node (this x2v runs: {', '.join(LOADERS)})"
+        )
+    engines = {key: loader(directory / e["file"], device) for key, e in m["engines"].items()}
+    return EngineDiT(m, engines, weights, device), m, ckpt

@@ -1,0 +1,170 @@
+"""FP8: calibration capture, ModelOpt PTQ on exactly the configured linears, FP8 checkpoints that load
+without ModelOpt (x2v's static recipe and LightX2V's dynamic one), and refusal of bad scale tensors."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from x2v.calibration import capture, ptq
+from x2v.export.fp8 import E4M3, FP8Linear, quantize
+from x2v.export.load import load_dit
+from x2v.runtime.checkpoint import CheckpointError, read_state_dict, resolve
+from x2v.runtime.config import CONFIG_DIR, ConfigError, load_model_config
+from x2v.runtime.pipeline import Pipeline
+
+CALIB_SET = CONFIG_DIR.parent / "calibration" / "sets" / "default.yaml"
+FIELDS = capture.FIELDS
+
+
+def args_of(record):
+    return [record[f] for f in FIELDS]
+
+
+@pytest.fixture(scope="module")
+def records(tiny_ckpt, tiny_cfg):
+    pipe = Pipeline.load(tiny_ckpt, tiny_cfg)
+    return capture.capture(pipe, capture.load_set(CALIB_SET)[:2], steps_per_run=3)
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_ckpt, tiny_cfg, records):
+    """(ModelOpt-calibrated fake-quant model, its targets) and the FP8 checkpoint written from it."""
+    model = load_dit(tiny_ckpt, tiny_cfg, dtype=torch.float32)
+    targets = tiny_cfg.fp8.targets(tiny_cfg.dit.num_layers)
+    ptq.calibrate(model, targets, records)
+    ptq.save_quantized(ptq.fp8_state(model, targets), tiny_ckpt, "dit-fp8-test", {"model": "tiny"})
+    return model, targets
+
+
+def test_capture_keeps_the_requested_steps_of_both_branches(records, tmp_path):
+    assert capture.spread(8, 3) == [0, 4, 7]
+    assert [(r["sample"], r["step"], r["branch"]) for r in records] == [
+        (s, step, b) for s in (0, 1) for step in (0, 4, 7) for b in (0, 1)
+    ]
+    # the unconditional branch sees the negative prompt, the conditional one the prompt
+    assert not torch.equal(records[0]["context"], records[1]["context"])
+    digest = capture.save(records, tmp_path / "cal.safetensors", {"model": "tiny"})
+    loaded, meta = capture.load(tmp_path / "cal.safetensors")
+    assert len(digest) == 64 and meta["model"] == "tiny" and len(loaded) == len(records)
+    assert torch.equal(loaded[5]["y"], records[5]["y"]) and torch.equal(loaded[5]["t"], records[5]["t"])
+
+
+def test_modelopt_quantizes_exactly_the_configured_linears(tiny_ckpt, tiny_cfg, records):
+    recipe = dataclasses.replace(tiny_cfg.fp8, quantize=("self_attn.q", "ffn.2"), keep_first_blocks=1)
+    targets = recipe.targets(tiny_cfg.dit.num_layers)
+    assert targets == ["blocks.1.self_attn.q", "blocks.1.ffn.2"]
+    model = ptq.calibrate(load_dit(tiny_ckpt, tiny_cfg, dtype=torch.float32), targets, records[:2])
+    enabled = {
+        name
+        for name, m in model.named_modules()
+        for q in ("weight_quantizer", "input_quantizer")
+        if getattr(getattr(m, q, None), "is_enabled", False)
+    }
+    assert enabled == set(targets)
+
+
+def test_fp8_checkpoint_reproduces_modelopt_fake_quant(tiny_ckpt, tiny_cfg, records, quantized):
+    model, targets = quantized
+    fp8 = load_dit(tiny_ckpt, tiny_cfg, dtype=torch.float32, dit_file="dit-fp8-test")
+    layers = [n for n, m in fp8.named_modules() if isinstance(m, FP8Linear)]
+    assert layers == targets and fp8.blocks[0].ffn[0].weight.dtype == E4M3
+    for r in (records[0], records[-1]):
+        err = ptq.compare(fp8(*args_of(r)), model(*args_of(r)))
+        assert err["rel_l2"] < 1e-5, err
+    # FP8 is an approximation of the float32 model, not a different model
+    base = load_dit(tiny_ckpt, tiny_cfg, dtype=torch.float32)
+    assert ptq.compare(fp8(*args_of(records[0])), base(*args_of(records[0])))["cos"] > 0.99
+
+
+def test_fp8_checkpoint_loads_without_modelopt(tiny_ckpt, tiny_cfg, quantized):
+    code = (
+        "import sys; sys.modules['modelopt'] = None\n"
+        "import torch\n"
+        "from x2v.export.load import load_dit\nfrom x2v.runtime.config import load_model_config\n"
+        f"m = load_dit({str(tiny_ckpt)!r}, load_model_config('tiny'), torch.float32, dit_file='dit-fp8-test')\n"
+        "print(type(m.blocks[0].self_attn.q).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "FP8Linear"
+
+
+def lightx2v_file(ckpt, cfg, path, corrupt=None):
+    """A LightX2V-style FP8 DiT: same keys, E4M3 weights, `<key>_scale` [out, 1], no activation scales."""
+    state, _ = read_state_dict(resolve(ckpt, cfg.files.dit), torch.float32)
+    for name in cfg.fp8.targets(cfg.dit.num_layers):
+        w = state[f"{name}.weight"]
+        scale = w.abs().amax(1, keepdim=True) / 448.0
+        state[f"{name}.weight"] = quantize(w, scale)
+        state[f"{name}.weight_scale"] = scale
+    if corrupt:
+        corrupt(state)
+    save_file(state, str(path))
+    return path
+
+
+def test_lightx2v_fp8_checkpoint_loads_and_runs(tiny_ckpt, tiny_cfg, records, tmp_path):
+    path = lightx2v_file(tiny_ckpt, tiny_cfg, tmp_path / "wan_i2v_fp8.safetensors")
+    fp8 = load_dit(tiny_ckpt, tiny_cfg, dtype=torch.float32, dit_file=str(path))
+    q = fp8.blocks[1].cross_attn.k_img
+    assert isinstance(q, FP8Linear) and q.channel and not q.static
+    base = load_dit(tiny_ckpt, tiny_cfg, dtype=torch.float32)
+    err = ptq.compare(fp8(*args_of(records[3])), base(*args_of(records[3])))
+    assert err["cos"] > 0.995 and err["rel_l2"] < 0.1, err
+
+
+def test_dynamic_fp8_linear_against_its_definition():
+    layer = FP8Linear(64, 32, channel=True, static=False, bias_dtype=torch.float32)
+    w, x = torch.randn(32, 64), torch.randn(5, 64) * 3
+    ws = w.abs().amax(1) / 448.0
+    layer.weight, layer.weight_scale, layer.bias = quantize(w, ws[:, None]), ws, torch.randn(32)
+    xs = x.abs().amax(1, keepdim=True) / 448.0
+    expected = (quantize(x, xs).float() * xs) @ (layer.weight.float() * ws[:, None]).T + layer.bias
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.impl = "scaled_mm"  # torch._scaled_mm (bf16 output) runs on the CPU too
+    assert ptq.compare(layer(x), expected)["rel_l2"] < 1e-2
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda s: s["blocks.0.ffn.0.weight_scale"].fill_(float("nan")), "non-finite"),
+        (lambda s: s.__setitem__("blocks.0.ffn.0.weight_scale", torch.ones(3)), r"has shape \[3\]"),
+        (lambda s: s.__setitem__("blocks.1.ffn.2.weight", s["blocks.1.ffn.2.weight"].float()), "expected float8"),
+        (lambda s: s.__setitem__("blocks.0.ffn.0.input_scale", torch.tensor(1.0)), "mixes static"),
+    ],
+)
+def test_bad_scale_tensors_are_refused(tiny_ckpt, tiny_cfg, tmp_path, corrupt, message):
+    path = lightx2v_file(tiny_ckpt, tiny_cfg, tmp_path / "bad.safetensors", corrupt)
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_dit(tiny_ckpt, tiny_cfg, dtype=torch.float32, dit_file=str(path))
+    assert "bad.safetensors" in str(e.value) or "mixes" in str(e.value)
+
+
+def test_recipe_names_must_be_block_linears(tmp_path):
+    text = (CONFIG_DIR / "models" / "tiny.yaml").read_text().replace("ffn.2]", "ffn.2, norm3]")
+    (tmp_path / "m.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="fp8.quantize names 'norm3'"):
+        load_model_config(tmp_path / "m.yaml")
+
+
+def test_calibrate_and_quantize_commands(tiny_ckpt, tmp_path):
+    from click.testing import CliRunner
+
+    from x2v.export.cli import main
+
+    cal = tmp_path / "cal.safetensors"
+    run = CliRunner().invoke
+    r = run(main, ["calibrate", "--ckpt", str(tiny_ckpt), "--steps-per-run", "2", "--out", str(cal)])
+    assert r.exit_code == 0, r.output
+    assert "16 DiT inputs from 4 prompts" in r.output
+    r = run(main, ["quantize", "--ckpt", str(tiny_ckpt), "--calib", str(cal), "--out", "dit-fp8-cli", "--report"])
+    assert r.exit_code == 0, r.output
+    assert "blocks.1.ffn.2" in r.output and "per-forward error" in r.output
+    assert (tiny_ckpt / "dit-fp8-cli.recipe.json").is_file()
+    r = run(main, ["quantize", "--ckpt", str(tiny_ckpt), "--calib", str(tmp_path / "none.safetensors")])
+    assert r.exit_code == 2 and "calibration capture not found" in r.output
