@@ -58,7 +58,7 @@ def source_hash() -> str:
 
 def build(model: str, ckpt: Path, gpu: str, out: Path, precision: str | None = None, attn: str | None = None,
           backend: str | None = None, dit_file: str | None = None, profiles: list[str] | None = None,
-          log=print) -> dict:  # fmt: skip
+          autotune: bool | None = None, log=print) -> dict:  # fmt: skip
     from x2v.export.load import load_dit
 
     cfg, g = load_model_config(model), load_gpu_config(gpu)
@@ -107,11 +107,12 @@ def build(model: str, ckpt: Path, gpu: str, out: Path, precision: str | None = N
         )
     log(f"loaded {cfg.name} DiT from {dit_path} in {time.perf_counter() - t0:.1f} s")
     ckpt_id = identity(dit_path)
-    common = {"model": dataclasses.asdict(cfg), "gpu": dataclasses.asdict(g), "precision": precision,
+    common = {"model": dataclasses.asdict(cfg), "gpu": dataclasses.asdict(g), "precision": precision, "autotune": autotune,
               "attn": attn, "backend": backend, "versions": versions(backend), "checkpoint": ckpt_id,
               "source": source_hash()}  # fmt: skip
     ext = {"aoti": "pt2", "onnx": "onnx", "tensorrt": "plan"}[backend]
-    inductor = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"} if g.autotune else {}
+    autotune = g.autotune if autotune is None else autotune
+    inductor = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"} if autotune else {}
     entries, timings = {}, {}
     jobs = [("time", None)] + [(e, s) for s in shapes for e in ("pre", "block", "post")]
     for engine, shape in jobs:
