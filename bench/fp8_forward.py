@@ -111,7 +111,9 @@ def main():
         torch.cuda.empty_cache()
         t3 = time.perf_counter()
         Path(args.ckpt).mkdir(parents=True, exist_ok=True)
-        ptq.save_quantized(state, args.ckpt, "dit-fp8", {"model": cfg.name, "calibration": {"inputs": len(records)}})
+        ptq.save_quantized(
+            state, args.ckpt, "dit-fp8", {"model": cfg.name, "calibration": {"inputs": len(records)}}
+        )
         log("fp8_checkpoint", {"write_s": time.perf_counter() - t3, "gb": sum(
             v.numel() * v.element_size() for v in state.values()) / 1e9})  # fmt: skip
 
@@ -152,7 +154,16 @@ def engine(cfg, args, x, ref, res):
     gpu = "h200" if "H200" in torch.cuda.get_device_name() else "h100"
     out = Path(args.ckpt) / f"engines-{gpu}"
     t0 = time.perf_counter()
-    m = build(cfg.name, args.ckpt, gpu, out, precision="fp8", attn="sage", dit_file="dit-fp8", autotune=args.autotune)
+    m = build(
+        cfg.name,
+        args.ckpt,
+        gpu,
+        out,
+        precision="fp8",
+        attn="sage",
+        dit_file="dit-fp8",
+        autotune=args.autotune,
+    )
     res["engine_build"] = {"s": time.perf_counter() - t0, "mb": sum(e["bytes"] for e in m["engines"].values()) / 1e6,
                            "per_engine_s": {k: e["build_s"] for k, e in m["engines"].items()}}  # fmt: skip
     print("engine_build", json.dumps(res["engine_build"]), flush=True)

@@ -1,0 +1,196 @@
+"""Compiled engines against eager torch at full size, per variant, on one GPU (one process, same inputs).
+
+    python bench/engine_forward.py [--model i2v-14b-480p] [--out DIR]     (writes engine_forward-<card>.json)
+
+Variants: bf16 + SDPA, FP8 + SDPA, FP8 + SageAttention. Each gets an AOTInductor `block` engine (weights as
+inputs, one engine for all 40 blocks); `pre` and `post` engines are shared (they hold no quantized layer).
+For each: one-forward time of eager torch and of the engines, parity of the block engine against the eager
+block of the same variant, and of the whole forward against the eager bf16 forward. The attention kernels
+are also timed alone (40 calls), so `forward - attention` gives the linear-and-elementwise part.
+
+FP8 scales come from one max-calibration forward on these inputs with forward hooks (what ModelOpt's max
+calibrator computes); bench/fp8_forward.py runs the ModelOpt path itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import rel_err, time_cuda, write_result
+from bench.dit_forward import inputs, random_dit
+from x2v.runtime.config import load_model_config
+
+ORDER = ("x", "t", "context", "clip_fea", "y")
+
+
+def max_calibrated_fp8(model, cfg, x):
+    """The FP8 model of `model`: per-tensor weight scales, static input scales from one forward's amax."""
+    from x2v.export.fp8 import E4M3_MAX, configure_fp8, quantize, swap_linears
+    from x2v.export.load import build
+    from x2v.runtime.checkpoint import load_strict
+
+    targets = cfg.fp8.targets(cfg.dit.num_layers)
+    amax, hooks = {}, []
+    for name in targets:
+
+        def hook(mod, args, name=name):
+            a = args[0].detach().abs().amax().float()
+            amax[name] = torch.maximum(amax.get(name, a), a)
+
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(**x)
+    for h in hooks:
+        h.remove()
+    state = dict(model.state_dict())
+    for name in targets:
+        w = state[f"{name}.weight"].float()
+        ws = w.abs().amax() / E4M3_MAX
+        state[f"{name}.weight"], state[f"{name}.weight_scale"] = quantize(w, ws), ws
+        state[f"{name}.input_scale"] = (amax[name] / E4M3_MAX).reshape(())
+    fp8 = build("dit", cfg)
+    swap_linears(fp8, targets, False, True)
+    fp8 = load_strict(fp8, state, {}).eval().configure(torch.bfloat16, "sdpa")
+    configure_fp8(fp8, "cuda")
+    return fp8
+
+
+def load_pt2(path):
+    from torch._inductor import aoti_load_package
+
+    return aoti_load_package(str(path))
+
+
+def attention_checks(cfg, n, d):
+    """The attention kernels alone at the self-attention shape (x40: one forward's worth), and the
+    SageAttention op through AOTInductor against eager."""
+    from x2v.plugins import sage_kernels
+    from x2v.plugins.sage_attention import sage_attention
+
+    res = {}
+    h, hd = cfg.dit.num_heads, cfg.dit.head_dim
+    q, k, v = (torch.randn(1, n, h, hd, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    sdpa = lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    res["attention_x40_ms"] = {
+        "sdpa": time_cuda(sdpa, 2, 5)["median_ms"] * cfg.dit.num_layers,
+        "sage": time_cuda(lambda: sage_attention(q, k, v), 2, 5)["median_ms"] * cfg.dit.num_layers,
+    }
+    res["sage_best_config"] = str(getattr(sage_kernels.attn_kernel, "best_config", None))
+    print("attention_x40_ms", res["attention_x40_ms"], res["sage_best_config"], flush=True)
+
+    class Op(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.ops.x2v.sage_attention(q, k, v)
+
+    t0 = time.perf_counter()
+    ep = torch.export.export(Op(), (q, k, v), strict=False)
+    torch._inductor.aoti_compile_and_package(ep, package_path=str(d / "sage.pt2"))
+    op = load_pt2(d / "sage.pt2")
+    r = {
+        "compile_s": time.perf_counter() - t0,
+        **rel_err(op(q, k, v).float(), sage_attention(q, k, v).float()),
+    }
+    r["ms"] = time_cuda(lambda: op(q, k, v), 2, 5)["median_ms"]
+    print("sage_op_aoti", r, flush=True)
+    res["sage_op_aoti"] = r
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="i2v-14b-480p")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dir", default="/tmp/x2v-engines")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    from x2v.export import engines as E
+
+    cfg = load_model_config(args.model)
+    d = Path(args.dir)
+    d.mkdir(parents=True, exist_ok=True)
+    res = {"model": cfg.name, "variants": {}}
+    log = lambda k, v: print(k, json.dumps(v), flush=True)
+    torch.manual_seed(0)
+    bf16 = random_dit(cfg)
+    x = inputs(cfg)
+    shape = x["x"].shape
+
+    with torch.no_grad():
+        n = E.example_inputs(bf16, "block", shape, "cuda")[1][0].shape[1]
+        res.update(attention_checks(cfg, n, d))
+        ref = bf16(**x).float()
+        pre_out = bf16.pre(*(x[a] for a in ORDER))
+        fp8 = max_calibrated_fp8(bf16, cfg, x)
+
+        # Shared pre/post engines.
+        t0 = time.perf_counter()
+        E.export_aoti(bf16, "pre", shape, d / "pre.pt2", "cuda")
+        E.export_aoti(bf16, "post", shape, d / "post.pt2", "cuda")
+        res["pre_post_build_s"] = time.perf_counter() - t0
+        pre, post = load_pt2(d / "pre.pt2"), load_pt2(d / "post.pt2")
+        pre_w, post_w = E.engine_weights(bf16, "pre"), E.engine_weights(bf16, "post")
+        pre_eng = pre(*(x[a] for a in ORDER), *pre_w)
+        res["pre_engine_vs_eager"] = {
+            name: rel_err(a.float(), b.float()) for name, a, b in zip(E.OUTPUTS["pre"], pre_eng, pre_out)
+        }
+        log("pre_engine_vs_eager", res["pre_engine_vs_eager"])
+
+        for name, model, attn in (
+            ("bf16-sdpa", bf16, "sdpa"),
+            ("fp8-sdpa", fp8, "sdpa"),
+            ("fp8-sage", fp8, "sage_op"),
+        ):
+            model.configure(torch.bfloat16, attn)
+            r = {"eager": time_cuda(lambda m=model: m(**x), 1, args.reps)["median_ms"]}
+            eager_block = model.blocks[0](*pre_out[0:1], pre_out[2], *pre_out[3:])
+            t0 = time.perf_counter()
+            E.export_aoti(model, "block", shape, d / f"block-{name}.pt2", "cuda")
+            r["block_build_s"] = time.perf_counter() - t0
+            r["block_engine_mb"] = (d / f"block-{name}.pt2").stat().st_size / 1e6
+            t0 = time.perf_counter()
+            blk = load_pt2(d / f"block-{name}.pt2")
+            r["block_load_s"] = time.perf_counter() - t0
+            weights = [[t for t in model.blocks[i].state_dict().values()] for i in range(cfg.dit.num_layers)]
+            tokens, e, e0, ctx, cos, sin = pre_out
+            r["block_engine_vs_eager"] = rel_err(
+                blk(tokens, e0, ctx, cos, sin, *weights[0]).float(), eager_block.float()
+            )
+
+            def forward(blk=blk, weights=weights):
+                tk, e_, e0_, c_, co, si = pre(*(x[a] for a in ORDER), *pre_w)
+                for w in weights:
+                    tk = blk(tk, e0_, c_, co, si, *w)
+                return post(tk, e_, *post_w)
+
+            torch.cuda.reset_peak_memory_stats()
+            r["engine"] = time_cuda(forward, 1, args.reps)["median_ms"]
+            r["engine_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            out = forward().float()
+            r["engine_vs_bf16_eager"] = rel_err(out, ref)
+            r["eager_vs_bf16_eager"] = rel_err(model(**x).float(), ref)
+            kind = "sage" if attn == "sage_op" else "sdpa"
+            r["linear_elementwise_ms"] = {"eager": r["eager"] - res["attention_x40_ms"][kind],
+                                          "engine": r["engine"] - res["attention_x40_ms"][kind]}  # fmt: skip
+            res["variants"][name] = r
+            log(name, r)
+            write_result("engine_forward", res, args.out)
+    v = res["variants"]
+    res["ratios"] = {
+        "engine fp8-sage / eager bf16-sdpa": v["fp8-sage"]["engine"] / v["bf16-sdpa"]["eager"],
+        "engine fp8-sdpa / engine bf16-sdpa": v["fp8-sdpa"]["engine"] / v["bf16-sdpa"]["engine"],
+        "linear part engine fp8 / engine bf16": v["fp8-sdpa"]["linear_elementwise_ms"]["engine"]
+        / v["bf16-sdpa"]["linear_elementwise_ms"]["engine"],
+        "engine bf16-sdpa / eager bf16-sdpa": v["bf16-sdpa"]["engine"] / v["bf16-sdpa"]["eager"],
+    }
+    log("ratios", res["ratios"])
+    print(f"wrote {write_result('engine_forward', res, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
