@@ -251,7 +251,8 @@ class WanDiT(nn.Module):
         if self.cfg.i2v:
             x = torch.cat([x, y.to(x.dtype)], dim=1)
         w = self.patch_embedding.weight
-        tokens = self.patch_embedding(x.to(w.dtype)).flatten(2).transpose(1, 2).float()
+        # contiguous: engines compiled for dense inputs read raw memory (a transposed view would be garbage)
+        tokens = self.patch_embedding(x.to(w.dtype)).flatten(2).transpose(1, 2).float().contiguous()
         grid = self.grid(x.shape)
         e, e0 = self.time(t)
         te = self.text_embedding

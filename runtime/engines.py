@@ -160,7 +160,8 @@ class EngineDiT:
         for (n, dt, shape), a in zip(spec, inputs):
             if list(a.shape) != shape:
                 raise EngineError(f"{key}: input {n} has shape {list(a.shape)}, the engine takes {shape}")
-            args.append(a.to(self.device, DTYPES[dt]))
+            # AOTInductor code reads inputs with the strides they were traced with (dense): never pass a view
+            args.append(a.to(self.device, DTYPES[dt]).contiguous())
         out = self.engines[key](*args, *weights)
         return out if isinstance(out, (list, tuple)) else [out]
 
