@@ -33,8 +33,15 @@ setup(
     extras_require={
         # ONNX export and the CPU (ONNX Runtime) engines; ModelOpt for calibration and FP8 PTQ
         "export": ["onnx>=1.17", "onnxscript>=0.3", "onnxruntime>=1.20", "nvidia-modelopt>=0.40"],
-        "test": ["pytest>=8", "diffusers>=0.32", "ruff>=0.6", "onnx>=1.17", "onnxscript>=0.3",
-                 "onnxruntime>=1.20", "nvidia-modelopt>=0.40"],  # fmt: skip
+        "test": [
+            "pytest>=8",
+            "diffusers>=0.32",
+            "ruff>=0.6",
+            "onnx>=1.17",
+            "onnxscript>=0.3",
+            "onnxruntime>=1.20",
+            "nvidia-modelopt>=0.40",
+        ],  # fmt: skip
     },
     entry_points={
         "console_scripts": [

@@ -15,18 +15,37 @@ DOMAIN = "x2v"
 FLOAT8E4M3FN = 17  # onnx.TensorProto.FLOAT8E4M3FN
 
 
+def _register_schema() -> None:
+    """Declare x2v::SageAttention to ONNX (so the exporter and onnx.checker know its inputs and types)."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has("SageAttention", DOMAIN):
+        return
+    T = "T"
+    schema = OpSchema(
+        "SageAttention", DOMAIN, 1,
+        doc="Non-causal attention with INT8 Q.K^T (smoothed K, per-block scales) and FP8 P.V; "
+            "q, k, v and the output are [B, L, H, D]. Reference: x2v.plugins.sage_attention.sage_reference.",
+        inputs=[OpSchema.FormalParameter(n, T) for n in ("q", "k", "v")],
+        outputs=[OpSchema.FormalParameter("out", T)],
+        type_constraints=[(T, ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations")],
+    )  # fmt: skip
+    onnx.defs.register_schema(schema)
+
+
 def translation_table() -> dict:
     import onnxscript
 
     import x2v.export.fp8
     import x2v.plugins.sage_attention  # noqa: F401  (both register their ops)
 
+    _register_schema()
     x2v = onnxscript.values.Opset(DOMAIN, 1)
+    from onnxscript import opset21 as op
 
     def sage_attention(q, k, v):
         return x2v.SageAttention(q, k, v)
-
-    from onnxscript import opset21 as op
 
     def per_row(scale):  # [M, 1] per-row scales -> QuantizeLinear's per-axis form; a scalar stays
         return op.Reshape(scale, op.Constant(value_ints=[-1])), 0

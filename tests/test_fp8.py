@@ -134,7 +134,10 @@ def test_dynamic_fp8_linear_against_its_definition():
     [
         (lambda s: s["blocks.0.ffn.0.weight_scale"].fill_(float("nan")), "non-finite"),
         (lambda s: s.__setitem__("blocks.0.ffn.0.weight_scale", torch.ones(3)), r"has shape \[3\]"),
-        (lambda s: s.__setitem__("blocks.1.ffn.2.weight", s["blocks.1.ffn.2.weight"].float()), "expected float8"),
+        (
+            lambda s: s.__setitem__("blocks.1.ffn.2.weight", s["blocks.1.ffn.2.weight"].float()),
+            "expected float8",
+        ),
         (lambda s: s.__setitem__("blocks.0.ffn.0.input_scale", torch.tensor(1.0)), "mixes static"),
     ],
 )
@@ -162,7 +165,9 @@ def test_calibrate_and_quantize_commands(tiny_ckpt, tmp_path):
     r = run(main, ["calibrate", "--ckpt", str(tiny_ckpt), "--steps-per-run", "2", "--out", str(cal)])
     assert r.exit_code == 0, r.output
     assert "16 DiT inputs from 4 prompts" in r.output
-    r = run(main, ["quantize", "--ckpt", str(tiny_ckpt), "--calib", str(cal), "--out", "dit-fp8-cli", "--report"])
+    r = run(
+        main, ["quantize", "--ckpt", str(tiny_ckpt), "--calib", str(cal), "--out", "dit-fp8-cli", "--report"]
+    )
     assert r.exit_code == 0, r.output
     assert "blocks.1.ffn.2" in r.output and "per-forward error" in r.output
     assert (tiny_ckpt / "dit-fp8-cli.recipe.json").is_file()

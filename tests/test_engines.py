@@ -1,0 +1,186 @@
+"""Engines: `x2v-export build --gpu cpu` (ONNX Runtime) drives the same loop as the torch backend, the
+manifest refuses engines built for something else, and a rebuild knows what changed."""
+
+import json
+import shutil
+
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from x2v.export.build import BuildError, build
+from x2v.export.cli import main as export_cli
+from x2v.runtime.checkpoint import CheckpointError
+from x2v.runtime.cli import main as runtime_cli
+from x2v.runtime.config import CONFIG_DIR, ConfigError, load_gpu_config
+from x2v.runtime.denoise import Conditioning, dit_call
+from x2v.runtime.engines import EngineError
+from x2v.runtime.pipeline import InputError, Pipeline
+
+IMAGE = CONFIG_DIR / "example.png"
+PROMPT = "a cat walks on the beach"
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines")
+    build("tiny", tiny_ckpt, "cpu", out, log=lambda s: None)
+    return out
+
+
+def copy_engines(src, tmp_path):
+    dst = tmp_path / "engines"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_engine_pipeline_matches_the_torch_backend(tiny_ckpt, tiny_cfg, engines):
+    ref = Pipeline.load(tiny_ckpt, tiny_cfg).generate(IMAGE, PROMPT, seed=3, batch_cfg=False, teacache=0.3)
+    pipe = Pipeline.from_engines(engines)
+    out = pipe.generate(IMAGE, PROMPT, seed=3, teacache=0.3)
+    rel = (out.latents - ref.latents).norm() / ref.latents.norm()
+    assert rel < 1e-5, rel  # ONNX Runtime vs torch, float32: summation order only
+    assert (
+        out.steps_computed == ref.steps_computed < out.steps_total
+    )  # the TeaCache plan came from the time engine
+    assert out.frames.shape == ref.frames.shape
+
+
+def test_engine_graphs_are_valid_onnx_with_weights_as_inputs(engines):
+    manifest = json.loads((engines / "manifest.json").read_text())
+    assert set(manifest["engines"]) == {"time", "pre@9x48x64", "block@9x48x64", "post@9x48x64"}
+    block = onnx.load(str(engines / manifest["engines"]["block@9x48x64"]["file"]))
+    onnx.checker.check_model(block)
+    baked = sum(int(torch.tensor(i.dims).prod()) for i in block.graph.initializer)
+    assert baked < 1000  # shape constants only (a tiny block holds ~90k weights): no weight in the graph
+    names = [i.name for i in block.graph.input]
+    assert names[:5] == ["tokens", "e0", "context_emb", "rope_cos", "rope_sin"]
+    assert "w:ffn.0.weight" in names and block.opset_import[0].version >= 19
+
+
+def test_fp8_engines_hold_qdq_nodes_and_match_torch(tiny_ckpt, tiny_cfg, tmp_path):
+    from x2v.calibration import capture, ptq
+    from x2v.export.load import load_dit
+
+    pipe = Pipeline.load(tiny_ckpt, tiny_cfg)
+    records = capture.capture(pipe, [{"prompt": PROMPT, "image": IMAGE}], steps_per_run=2)
+    model = ptq.calibrate(load_dit(tiny_ckpt, tiny_cfg, torch.float32), tiny_cfg.fp8.targets(2), records)
+    ptq.save_quantized(ptq.fp8_state(model, tiny_cfg.fp8.targets(2)), tiny_ckpt, "dit-fp8-eng", {})
+    m = build("tiny", tiny_ckpt, "cpu", tmp_path / "e8", dit_file="dit-fp8-eng", log=lambda s: None)
+    assert m["precision"] == "fp8"
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "e8" / "block-9x48x64.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    torch_fp8, engine = (
+        Pipeline.load(tiny_ckpt, tiny_cfg, dit_file="dit-fp8-eng"),
+        Pipeline.from_engines(tmp_path / "e8"),
+    )
+    r = records[1]
+    cond = Conditioning(r["context"], r["clip_fea"], r["y"])
+    one = [dit_call(p.dit, r["x"], r["t"], cond, None, True) for p in (torch_fp8, engine)]
+    assert (one[1] - one[0]).norm() / one[0].norm() < 1e-5  # one forward: the same math
+    ref, out = (p.generate(IMAGE, PROMPT, batch_cfg=False).latents for p in (torch_fp8, engine))
+    # along a trajectory, values that sit on an FP8 rounding boundary flip and the difference grows
+    assert (out - ref).norm() / ref.norm() < 0.1
+
+
+def test_sage_attention_exports_as_a_custom_node(tiny_ckpt, tiny_cfg, tmp_path):
+    from x2v.export import engines as E
+    from x2v.export.load import load_dit
+    from x2v.plugins.sage_attention import sage_reference
+
+    dit = load_dit(tiny_ckpt, tiny_cfg, torch.float32, attn="sage_op")
+    E.export_onnx(dit, "block", (1, 16, 3, 6, 8), tmp_path / "block.onnx")
+    nodes = [n for n in onnx.load(str(tmp_path / "block.onnx")).graph.node if n.domain == "x2v"]
+    assert [n.op_type for n in nodes] == ["SageAttention"]
+    q, k, v = (torch.randn(1, 40, 2, 32) for _ in range(3))
+    assert torch.equal(torch.ops.x2v.sage_attention(q, k, v), sage_reference(q, k, v))  # what the node means
+
+
+def test_generate_command_runs_engines(engines, tmp_path):
+    out = tmp_path / "e.mp4"
+    r = CliRunner().invoke(runtime_cli, ["generate", "--engines", str(engines), "--image", str(IMAGE),
+                                         "--prompt", PROMPT, "--out", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert out.stat().st_size > 0 and "9 frames 64x48" in r.output
+
+
+def test_inspect_checks_hashes(engines, tmp_path):
+    r = CliRunner().invoke(export_cli, ["inspect", str(engines)])
+    assert r.exit_code == 0 and "checkpoint and this node: ok" in r.output, r.output
+    bad = copy_engines(engines, tmp_path)
+    with open(bad / "post-9x48x64.onnx", "ab") as f:
+        f.write(b"\0")
+    r = CliRunner().invoke(export_cli, ["inspect", str(bad)])
+    assert r.exit_code == 1 and "HASH MISMATCH" in r.output
+
+
+def edit_manifest(directory, change):
+    m = json.loads((directory / "manifest.json").read_text())
+    change(m)
+    (directory / "manifest.json").write_text(json.dumps(m))
+
+
+def test_engines_for_another_gpu_are_refused(engines, tmp_path):
+    d = copy_engines(engines, tmp_path)
+    edit_manifest(d, lambda m: m.__setitem__("gpu", "h200"))
+    with pytest.raises(EngineError, match="built for h200.*this node has cpu.*rebuild with"):
+        Pipeline.from_engines(d)
+
+
+def test_aoti_engines_from_another_torch_are_refused(engines, tmp_path):
+    d = copy_engines(engines, tmp_path)
+    edit_manifest(
+        d, lambda m: (m.__setitem__("backend", "aoti"), m["versions"].__setitem__("torch", "2.0.0"))
+    )
+    with pytest.raises(EngineError, match="torch 2.0.0"):
+        Pipeline.from_engines(d)
+
+
+def test_tampered_engine_is_refused(engines, tmp_path):
+    d = copy_engines(engines, tmp_path)
+    with open(d / "block-9x48x64.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(EngineError, match="block-9x48x64.onnx does not match its manifest hash"):
+        Pipeline.from_engines(d)
+
+
+def test_other_or_missing_weights_are_refused(engines, tiny_cfg, tmp_path):
+    from x2v.export.make_checkpoint import make_checkpoint
+
+    other = make_checkpoint(tiny_cfg, tmp_path / "other", seed=1, dit_dtype=torch.bfloat16)
+    with pytest.raises(EngineError, match="not the ones these engines were built with"):
+        Pipeline.from_engines(engines, ckpt=other)
+    for f in other.glob("diffusion_pytorch_model*"):
+        f.unlink()
+    with pytest.raises(CheckpointError, match="missing checkpoint file"):
+        Pipeline.from_engines(engines, ckpt=other)
+
+
+def test_unbuilt_resolution_is_refused(engines):
+    pipe = Pipeline.from_engines(engines)
+    with pytest.raises(InputError, match=r"built for 9x48x64.*this request is 9x48x80.*--profile 9x48x80"):
+        pipe.generate(IMAGE, PROMPT, height=64, width=80)
+
+
+def test_rebuild_reuses_what_is_up_to_date(tiny_ckpt, engines, tmp_path):
+    d = copy_engines(engines, tmp_path)
+    logs = []
+    build("tiny", tiny_ckpt, "cpu", d, log=logs.append)
+    assert sum("up to date" in s for s in logs) == 4
+    logs.clear()
+    m = build("tiny", tiny_ckpt, "cpu", d, profiles=["9x48x64", "5x48x64"], log=logs.append)
+    assert sum("up to date" in s for s in logs) == 4 and sum("built" in s for s in logs) == 3
+    assert m["profiles"] == ["9x48x64", "5x48x64"]
+
+
+def test_build_refuses_what_it_cannot_honour(tiny_ckpt, tmp_path):
+    with pytest.raises(ConfigError, match="unknown GPU 'h300'; known GPUs: a100, cpu, h100, h200, rtx4090"):
+        build("tiny", tiny_ckpt, "h300", tmp_path)
+    with pytest.raises(BuildError, match="building for h200 needs a NVIDIA H200"):
+        build("tiny", tiny_ckpt, "h200", tmp_path)
+    with pytest.raises(BuildError, match="profile '80x48x64'"):
+        build("tiny", tiny_ckpt, "cpu", tmp_path, profiles=["80x48x64"])
+    with pytest.raises(BuildError, match="a100 does not run fp8"):
+        build("tiny", tiny_ckpt, "a100", tmp_path, precision="fp8")
+    assert load_gpu_config("rtx4090").precisions == ("fp8",)
