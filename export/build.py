@@ -139,13 +139,14 @@ def build(model: str, ckpt: Path, gpu: str, out: Path, precision: str | None = N
         if backend == "aoti":
             E.export_aoti(dit, engine, latent, out / file, g.device, inductor)
         else:
-            E.export_onnx(
-                dit, engine, latent, out / (file if backend == "onnx" else f"{engine}-{prof}.onnx"), g.device
-            )
+            E.export_onnx(dit, engine, latent, out / Path(file).with_suffix(".onnx"), g.device)
             if backend == "tensorrt":
                 from x2v.export.tensorrt import build_plan
 
-                build_plan(out / f"{engine}-{prof}.onnx", out / file, g)
+                try:
+                    build_plan(out / Path(file).with_suffix(".onnx"), out / file, g)
+                except ImportError as e:
+                    raise BuildError(str(e)) from None
         timings[key] = time.perf_counter() - t1
         wstate = (dit.blocks[0] if engine == "block" else dit).state_dict()
         entries[key] = {

@@ -4,7 +4,8 @@
 output [B, L, H, D]); its meaning is `sage_reference` in plugins/sage_attention.py. FP8 linears
 (export/fp8.py) become QuantizeLinear -> DequantizeLinear on the activation and DequantizeLinear on the
 E4M3 weight, per tensor or per output channel (axis 0), ahead of a MatMul. TensorRT's ONNX parser
-maps a node it has no importer for to the plugin registered under the same name (plugins/tensorrt_plugin.py).
+maps a node it has no importer for to the plugin of the same name in the namespace given by the node's
+`plugin_namespace` attribute: "x2v::SageAttention", registered in plugins/tensorrt_plugin.py.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def _register_schema() -> None:
         inputs=[OpSchema.FormalParameter(n, T) for n in ("q", "k", "v")],
         outputs=[OpSchema.FormalParameter("out", T)],
         type_constraints=[(T, ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations")],
+        attributes=[OpSchema.Attribute("plugin_namespace", OpSchema.AttrType.STRING,
+                                       "TensorRT: the namespace of the plugin this node maps to", required=False)],
     )  # fmt: skip
     onnx.defs.register_schema(schema)
 
@@ -45,7 +48,7 @@ def translation_table() -> dict:
     from onnxscript import opset21 as op
 
     def sage_attention(q, k, v):
-        return x2v.SageAttention(q, k, v)
+        return x2v.SageAttention(q, k, v, plugin_namespace=DOMAIN)
 
     def per_row(scale):  # [M, 1] per-row scales -> QuantizeLinear's per-axis form; a scalar stays
         return op.Reshape(scale, op.Constant(value_ints=[-1])), 0

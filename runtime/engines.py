@@ -137,7 +137,42 @@ def _ort(path: Path, device):
     return run
 
 
-LOADERS = {"aoti": _aoti, "onnx": _ort}
+def _trt(path: Path, device):
+    """A TensorRT plan: inputs and outputs bound by name to torch tensors, run on torch's current stream."""
+    from x2v.plugins.tensorrt_plugin import register, trt_module
+
+    trt = trt_module()
+    register()  # the plan's SageAttention nodes call back into the plugin
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+    if engine is None:
+        raise EngineError(
+            f"{path}: TensorRT could not deserialize this plan (built by another TensorRT or GPU?)"
+        )
+    context = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    outputs = [n for n in names if n not in inputs]
+    torch_dtype = {trt.float32: torch.float32, trt.bfloat16: torch.bfloat16, trt.float16: torch.float16,
+                   trt.fp8: torch.float8_e4m3fn}  # fmt: skip
+
+    def run(*args):
+        for n, a in zip(inputs, args):
+            context.set_tensor_address(n, a.data_ptr())
+        outs = []
+        for n in outputs:
+            out = torch.empty(tuple(context.get_tensor_shape(n)), dtype=torch_dtype[engine.get_tensor_dtype(n)],
+                              device=device)  # fmt: skip
+            context.set_tensor_address(n, out.data_ptr())
+            outs.append(out)
+        if not context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise EngineError(f"{path}: TensorRT execution failed")
+        return outs
+
+    return run
+
+
+LOADERS = {"aoti": _aoti, "onnx": _ort, "tensorrt": _trt}
 
 
 class EngineDiT:

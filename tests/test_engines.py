@@ -184,3 +184,8 @@ def test_build_refuses_what_it_cannot_honour(tiny_ckpt, tmp_path):
     with pytest.raises(BuildError, match="a100 does not run fp8"):
         build("tiny", tiny_ckpt, "a100", tmp_path, precision="fp8")
     assert load_gpu_config("rtx4090").precisions == ("fp8",)
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:  # this machine: the TensorRT backend says what it needs instead of failing obscurely
+        with pytest.raises(BuildError, match="needs TensorRT"):
+            build("tiny", tiny_ckpt, "cpu", tmp_path / "trt", backend="tensorrt", log=lambda s: None)
