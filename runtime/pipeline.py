@@ -189,7 +189,8 @@ class Pipeline:
                  seed: int = 0, teacache: float = 0.0, teacache_signal: str = "e", guide_scale: float | None = None,
                  shift: float | None = None, frames: int | None = None, height: int | None = None,
                  width: int | None = None, batch_cfg: bool = True, decode_chunk: int | None = 1,
-                 progress=None) -> Result:  # fmt: skip
+                 progress=None, skip_plan=None) -> Result:  # fmt: skip
+        """skip_plan: an explicit TeaCachePlan (e.g. a published schedule) instead of computing one."""
         s = self.cfg.sample
         frames, height, width = frames or s.frames, height or s.height, width or s.width
         guide_scale = s.guide_scale if guide_scale is None else guide_scale
@@ -217,8 +218,10 @@ class Pipeline:
             schedule = euler_schedule(s.timesteps, shift)
         else:
             schedule = unipc_schedule(steps or s.steps, shift)
-        plan = None
-        if teacache > 0:
+        plan = skip_plan
+        if plan is not None and len(plan.computes) != len(schedule.timesteps):
+            raise InputError(f"skip_plan has {len(plan.computes)} steps, the schedule {len(schedule.timesteps)}")
+        if teacache > 0 and plan is None:
             if s.teacache is None:
                 raise InputError(
                     f"model {self.cfg.name} has no TeaCache coefficients (sample.teacache in its config)"

@@ -1,0 +1,256 @@
+"""The speed table: one row per call, all rows of a card measured from the same checkpoint on disk.
+
+    python bench/table.py --row baseline --ckpt CKPT [--steps N]            (each row: one process, < 10 min)
+    python bench/table.py --row fp8 --ckpt CKPT --engines ENGINES
+    python bench/table.py --render                                          -> table-<card>.md and .json
+
+Rows (the published table's configurations, run through x2v):
+  baseline      torch backend as the official code runs: fp32 DiT weights + bf16 autocast, SDPA, bf16 umT5,
+                fp16 CLIP, fp32 VAE, untiled decode, everything on the GPU
+  sage-mixed    SageAttention, bf16 with the sensitive layers (embeddings, time, modulation, head) in fp32
+  sage-bf16     SageAttention, all bf16
+  fp8           the built engines (FP8 DiT + SageAttention), bf16 encoders and VAE, chunked VAE decode
+  fp8-teacache  fp8 + TeaCache 0.2 (the skip schedule random weights give: see `steps_computed`)
+  fp8-teacache-published  fp8 with the schedule the published 0.2 run implies (22 of 40 steps computed)
+  distill       4-step distilled sampler (Euler, no guidance) on the fp8 engines
+
+Each row records load time, end-to-end time (encoders, all steps, VAE decode, MP4 write), peak GPU memory,
+a one-step breakdown (pre, blocks, post) and, against the baseline row's saved outputs, the relative L2 of
+the final latents and the PSNR of the decoded video. `--steps N` runs fewer sampling steps than the model's
+(to fit a device budget); the row then also reports the end-to-end time projected to the full schedule
+from the measured per-step time, and the rendered table marks it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import RESULTS, card_slug, environment
+from x2v.runtime.config import CONFIG_DIR, load_model_config
+
+ROWS = ("baseline", "sage-mixed", "sage-bf16", "fp8", "fp8-teacache", "fp8-teacache-published", "distill")
+IMAGE = CONFIG_DIR / "example.png"
+PROMPT = (
+    "A cat walks slowly along a sunny beach, waves rolling in behind it, the camera follows at eye level."
+)
+SEED = 42
+
+
+def published_plan(n: int, computed: int):
+    """A skip schedule with `computed` of `n` steps computed, first and last included, the rest spread."""
+    from x2v.runtime.teacache import TeaCachePlan
+
+    keep = {int(round(i)) for i in np.linspace(0, n - 1, computed)}
+    return TeaCachePlan(tuple(i in keep for i in range(n)), 0.2, "published")
+
+
+def load_row(row: str, cfg, ckpt: Path, engines: Path | None, device: str):
+    from x2v.export.load import load_dit, load_part
+    from x2v.runtime.pipeline import Pipeline
+    from x2v.runtime.tokenizer import Tokenizer
+
+    if row.startswith("fp8") or row == "distill":
+        if engines is None:
+            raise SystemExit(f"row {row} runs the built engines: pass --engines (x2v-export build --out ...)")
+        return Pipeline.from_engines(engines, ckpt)
+    cuda = device == "cuda"
+    t0 = time.perf_counter()
+    half = torch.bfloat16 if cuda else torch.float32
+    dit_dtype = {"baseline": torch.float32, "sage-mixed": half, "sage-bf16": half}[row]
+    dit = load_dit(ckpt, cfg, dit_dtype, sensitive_fp32=row == "sage-mixed", device=device,
+                   attn="sdpa" if row == "baseline" else "sage")  # fmt: skip
+    parts = {"tokenizer": Tokenizer(ckpt / cfg.files.tokenizer, cfg.dit.text_len), "dit": dit,
+             "t5": load_part("t5", ckpt, cfg, half, device),
+             "vae": load_part("vae", ckpt, cfg, torch.float32 if row == "baseline" else half, device)}  # fmt: skip
+    if cfg.dit.i2v:
+        parts["clip"] = load_part("clip", ckpt, cfg, torch.float16 if cuda else torch.float32, device)
+    if cuda:
+        torch.cuda.synchronize()
+    pipe = Pipeline(cfg, parts, device, time.perf_counter() - t0)
+    if row == "baseline":
+        pipe.dtype = torch.float32  # the official pipeline hands fp32 tensors to autocast
+    return pipe
+
+
+def step_breakdown(pipe, shape, cond) -> dict:
+    """One DiT evaluation split into pre, blocks and post (device-synchronized wall time, ms)."""
+    sync = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
+    x = torch.randn(shape, device=pipe.device)
+    t = torch.full((1,), 500.0, device=pipe.device)
+    out, dit = {}, pipe.dit
+    sync()
+    t0 = time.perf_counter()
+    tokens, e, e0, ctx, cos, sin = dit.pre(x, t, cond.context, cond.clip_fea, cond.y)
+    sync()
+    t1 = time.perf_counter()
+    tokens = dit.run_blocks(tokens, e0, ctx, cos, sin)
+    sync()
+    t2 = time.perf_counter()
+    dit.post(tokens, e, dit.grid(shape))
+    sync()
+    out.update(pre_ms=(t1 - t0) * 1e3, blocks_ms=(t2 - t1) * 1e3, post_ms=(time.perf_counter() - t2) * 1e3)
+    return out
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def run_row(args) -> dict:
+    from safetensors.torch import load_file, save_file
+
+    from x2v.runtime.denoise import Conditioning
+    from x2v.runtime.pipeline import load_image
+    from x2v.runtime.video import write_mp4
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = load_model_config(args.model)
+    pipe = load_row(args.row, cfg, Path(args.ckpt), Path(args.engines) if args.engines else None, device)
+    if args.row == "distill":
+        from dataclasses import replace
+
+        # The distilled checkpoint has the same shapes; with random weights the fp8 engines stand in for it.
+        pipe.cfg = replace(pipe.cfg, sample=load_model_config(args.distill_model).sample)
+    s = pipe.cfg.sample
+    steps = args.steps if args.row != "distill" else None
+    full = s.num_steps
+    kw = {"steps": steps, "seed": SEED}
+    if args.row == "fp8-teacache":
+        kw["teacache"] = 0.2
+    if args.row == "fp8-teacache-published":
+        kw["skip_plan"] = published_plan(steps or full, round(22 * (steps or full) / 40))
+    autocast = (
+        torch.autocast("cuda", torch.bfloat16)
+        if args.row == "baseline" and device == "cuda"
+        else contextlib.nullcontext()
+    )
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with autocast:
+        result = pipe.generate(image=IMAGE if cfg.dit.i2v else None, prompt=PROMPT, **kw)
+        mp4 = work / f"{args.row}.mp4"
+        write_mp4(result.frames, mp4, fps=s.fps)
+    e2e = time.perf_counter() - t0
+    row = {"row": args.row, "model": cfg.name, "steps": result.steps_total, "steps_computed": result.steps_computed,
+           "full_steps": full, "teacache": result.teacache, "load_s": pipe.load_s, "e2e_s": e2e,
+           **{k: v for k, v in result.timings.items() if k != "load_s"}}  # fmt: skip
+    if device == "cuda":
+        row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        row["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+    if row["steps"] < full:  # measured with fewer steps: project the denoising part to the full schedule
+        per_step = row["denoise_s"] / max(row["steps_computed"], 1)
+        computed_full = (
+            full
+            if not args.row.startswith("fp8-teacache")
+            else round(row["steps_computed"] * full / row["steps"])
+        )
+        row["e2e_projected_s"] = e2e - row["denoise_s"] + per_step * computed_full
+    with torch.no_grad(), autocast:
+        image = load_image(IMAGE) if cfg.dit.i2v else None
+        cond, _, shape = pipe.encode(image, PROMPT, "", s.frames, s.height, s.width)
+        row["step_breakdown"] = step_breakdown(pipe, shape, Conditioning(cond.context, cond.clip_fea, cond.y))
+    frames = torch.from_numpy(result.frames)
+    save_file({"latents": result.latents.cpu().contiguous(), "frames": frames.contiguous()},
+              str(work / f"{args.row}.safetensors"), metadata={"steps": str(row["steps"])})  # fmt: skip
+    base = work / "baseline.safetensors"
+    if args.row != "baseline" and base.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(base), "pt") as f:
+            base_steps = int(f.metadata()["steps"])
+        ref = load_file(str(base))
+        if ref["latents"].shape == result.latents.shape and row["steps"] == base_steps:
+            lat = result.latents.cpu().double()
+            row["latents_rel_l2_vs_baseline"] = float(
+                (lat - ref["latents"].double()).norm() / ref["latents"].double().norm()
+            )
+            row["video_psnr_vs_baseline_db"] = psnr(result.frames, ref["frames"].numpy())
+    row["env"] = environment()
+    out = Path(args.out or RESULTS) / "table" / card_slug(row["env"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.row}.json").write_text(json.dumps(row, indent=1))
+    print(json.dumps({k: v for k, v in row.items() if k != "env"}, indent=1))
+    return row
+
+
+def render(args) -> Path:
+    """table-<card>.md and .json from the rows measured on that card."""
+    root = Path(args.out or RESULTS)
+    cards = sorted(p.name for p in (root / "table").glob("*") if p.is_dir())
+    card = args.card or (cards[0] if len(cards) == 1 else None)
+    if card is None:
+        raise SystemExit(f"several cards measured ({', '.join(cards)}): pass --card")
+    rows = {p.stem: json.loads(p.read_text()) for p in sorted((root / "table" / card).glob("*.json"))}
+    if not rows:
+        raise SystemExit(f"no rows measured for {card} under {root / 'table'}")
+    base = rows.get("baseline")
+    lines = [
+        f"# x2v speed table: {card}",
+        "",
+        "| row | steps | load s | end-to-end s | projected full s | peak GB | speedup | latents rel L2 | video PSNR dB | "
+        "pre / blocks / post ms (one step) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    nan = float("nan")
+    for name in [r for r in ROWS if r in rows]:
+        r = rows[name]
+        e2e = r.get("e2e_projected_s", r["e2e_s"])
+        ref = base.get("e2e_projected_s", base["e2e_s"]) if base else None
+        b = r["step_breakdown"]
+        projected = f"{r['e2e_projected_s']:.1f}" if "e2e_projected_s" in r else "-"
+        lines.append(
+            f"| {name} | {r['steps_computed']}/{r['steps']} of {r['full_steps']} | {r['load_s']:.1f} | "
+            f"{r['e2e_s']:.1f} | {projected} | {r.get('peak_gb', nan):.1f} | "
+            f"{'' if ref is None else f'{ref / e2e:.2f}x'} | {r.get('latents_rel_l2_vs_baseline', nan):.3f} | "
+            f"{r.get('video_psnr_vs_baseline_db', nan):.1f} | "
+            f"{b['pre_ms']:.0f} / {b['blocks_ms']:.0f} / {b['post_ms']:.0f} |"
+        )
+    env = next(iter(rows.values()))["env"]
+    lines += ["", f"Card {env['card']}, driver {env.get('driver', '-')}, torch {env['torch']}, commit {env['git_commit']}.",
+              "Speedup: baseline end-to-end / row end-to-end (projected to the full schedule where fewer steps ran)."]  # fmt: skip
+    md = root / f"table-{card}.md"
+    md.write_text("\n".join(lines) + "\n")
+    (root / f"table-{card}.json").write_text(json.dumps(rows, indent=1))
+    print("\n".join(lines))
+    return md
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--row", choices=ROWS)
+    ap.add_argument("--render", action="store_true")
+    ap.add_argument("--model", default="i2v-14b-480p")
+    ap.add_argument("--distill-model", default="i2v-14b-480p-distill")
+    ap.add_argument("--ckpt", default="/tmp/x2v-ckpt")
+    ap.add_argument("--engines", default=None)
+    ap.add_argument(
+        "--steps", type=int, default=None, help="fewer sampling steps than the model's (projected)"
+    )
+    ap.add_argument(
+        "--work", default="/tmp/x2v-table", help="where rows keep outputs for the fidelity columns"
+    )
+    ap.add_argument("--card", default=None)
+    ap.add_argument("--out", default=None, help="results root (default bench/results)")
+    args = ap.parse_args()
+    if args.render:
+        render(args)
+    elif args.row:
+        run_row(args)
+    else:
+        ap.error("give --row NAME or --render")
+
+
+if __name__ == "__main__":
+    main()

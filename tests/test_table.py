@@ -1,0 +1,49 @@
+"""bench/table.py end to end on the tiny model (CPU): rows measured, fidelity against the baseline, render."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from x2v.export.build import build
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def table(*args):
+    out = subprocess.run([sys.executable, "-m", "bench.table", *args], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_table_rows_and_render(tiny_ckpt, tiny_cfg, tmp_path):
+    from x2v.calibration import capture, ptq
+    from x2v.export.load import load_dit
+    from x2v.runtime.config import CONFIG_DIR
+    from x2v.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(tiny_ckpt, tiny_cfg)
+    records = capture.capture(pipe, [{"prompt": "a cat", "image": CONFIG_DIR / "example.png"}], steps_per_run=2)
+    targets = tiny_cfg.fp8.targets(tiny_cfg.dit.num_layers)
+    model = ptq.calibrate(load_dit(tiny_ckpt, tiny_cfg, torch.float32), targets, records)
+    ptq.save_quantized(ptq.fp8_state(model, targets), tiny_ckpt, "dit-fp8-table", {})
+    engines = tmp_path / "engines"
+    build("tiny", tiny_ckpt, "cpu", engines, dit_file="dit-fp8-table", log=lambda s: None)
+
+    common = ["--model", "tiny", "--distill-model", "tiny-distill", "--ckpt", str(tiny_ckpt),
+              "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results")]  # fmt: skip
+    for row in ("baseline", "sage-bf16", "fp8", "fp8-teacache-published", "distill"):
+        table("--row", row, *common, "--engines", str(engines), "--steps", "4")
+    rows = tmp_path / "results" / "table" / "cpu"
+    fp8 = json.loads((rows / "fp8.json").read_text())
+    assert fp8["steps"] == 4 and fp8["full_steps"] == 8 and fp8["e2e_projected_s"] > 0
+    assert 0 < fp8["latents_rel_l2_vs_baseline"] < 0.5 and fp8["video_psnr_vs_baseline_db"] > 10
+    sage = json.loads((rows / "sage-bf16.json").read_text())  # on the CPU SageAttention falls back to SDPA
+    assert sage["latents_rel_l2_vs_baseline"] < 1e-5
+    assert json.loads((rows / "fp8-teacache-published.json").read_text())["steps_computed"] == 2
+    distill = json.loads((rows / "distill.json").read_text())
+    assert distill["steps"] == distill["full_steps"] == 4 and "e2e_projected_s" not in distill
+    md = table("--render", "--out", str(tmp_path / "results"))
+    assert "| fp8 | 4/4 of 8 |" in md and (tmp_path / "results" / "table-cpu.md").is_file()
