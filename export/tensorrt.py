@@ -25,8 +25,8 @@ def build_plan(onnx_path: Path, plan_path: Path, gpu, workspace_gb: float = 8.0)
     register()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # TensorRT-RTX: always
+    network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -40,11 +40,14 @@ def build_plan(onnx_path: Path, plan_path: Path, gpu, workspace_gb: float = 8.0)
         profile.set_shape(t.name, shape, shape, shape)  # static per resolution: one engine per profile
     config.add_optimization_profile(profile)
     cache_path = Path(plan_path).parent / "timing.cache"
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    timing = hasattr(config, "create_timing_cache")  # TensorRT-RTX has no builder timing cache
+    if timing:
+        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise TensorRTError(f"{onnx_path}: TensorRT could not build the network (see the log above)")
     Path(plan_path).write_bytes(bytes(plan))
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    if timing:
+        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
     return Path(plan_path)

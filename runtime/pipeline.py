@@ -220,7 +220,9 @@ class Pipeline:
             schedule = unipc_schedule(steps or s.steps, shift)
         plan = skip_plan
         if plan is not None and len(plan.computes) != len(schedule.timesteps):
-            raise InputError(f"skip_plan has {len(plan.computes)} steps, the schedule {len(schedule.timesteps)}")
+            raise InputError(
+                f"skip_plan has {len(plan.computes)} steps, the schedule {len(schedule.timesteps)}"
+            )
         if teacache > 0 and plan is None:
             if s.teacache is None:
                 raise InputError(

@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def table(*args):
-    out = subprocess.run([sys.executable, "-m", "bench.table", *args], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.table", *args], cwd=ROOT, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 
@@ -25,7 +27,9 @@ def test_table_rows_and_render(tiny_ckpt, tiny_cfg, tmp_path):
     from x2v.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(tiny_ckpt, tiny_cfg)
-    records = capture.capture(pipe, [{"prompt": "a cat", "image": CONFIG_DIR / "example.png"}], steps_per_run=2)
+    records = capture.capture(
+        pipe, [{"prompt": "a cat", "image": CONFIG_DIR / "example.png"}], steps_per_run=2
+    )
     targets = tiny_cfg.fp8.targets(tiny_cfg.dit.num_layers)
     model = ptq.calibrate(load_dit(tiny_ckpt, tiny_cfg, torch.float32), targets, records)
     ptq.save_quantized(ptq.fp8_state(model, targets), tiny_ckpt, "dit-fp8-table", {})
