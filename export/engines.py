@@ -118,7 +118,7 @@ def export_onnx(dit, engine: str, shape, path: Path, device="cpu", opset: int = 
     names, acts = example_inputs(dit, engine, shape, device, _act_dtype(dit))
     wnames = weight_names(dit, engine)
     args = tuple(acts) + tuple(engine_weights(dit, engine))
-    with torch.no_grad(), _quiet():
+    with torch.no_grad(), _quiet(), _qdq_linears(dit):
         program = torch.onnx.export(
             module, args, dynamo=True, opset_version=opset, input_names=names + [f"w:{k}" for k in wnames],
             output_names=OUTPUTS[engine], custom_translation_table=translation_table(), optimize=True,
@@ -127,6 +127,22 @@ def export_onnx(dit, engine: str, shape, path: Path, device="cpu", opset: int = 
         big = sum(a.numel() * a.element_size() for a in args) > (2 << 30)
         program.save(str(path), external_data=big)
     return {"inputs": names, "outputs": OUTPUTS[engine], "weights": wnames}
+
+
+@contextlib.contextmanager
+def _qdq_linears(dit):
+    """FP8 linears traced as quantize/dequantize ops (ONNX Q/DQ), whatever product they run at home."""
+    from x2v.export.fp8 import FP8Linear
+
+    layers = [m for m in dit.modules() if isinstance(m, FP8Linear)]
+    impls = [m.impl for m in layers]
+    for m in layers:
+        m.impl = "dequant"
+    try:
+        yield
+    finally:
+        for m, impl in zip(layers, impls):
+            m.impl = impl
 
 
 @contextlib.contextmanager
