@@ -54,7 +54,13 @@ def main():
     fp8 = max_calibrated_fp8(model.configure(torch.bfloat16, "sdpa"), cfg, x).configure(
         torch.bfloat16, "sage_op"
     )
-    for name, m in (("block-bf16-sage", model.configure(torch.bfloat16, "sage_op")), ("block-fp8-sage", fp8)):
+    variants = [
+        ("block-fp8-sdpa", fp8, "sdpa"),
+        ("block-fp8-sage", fp8, "sage_op"),
+        ("block-bf16-sdpa", model, "sdpa"),
+    ]
+    for name, m, attn in variants:
+        m.configure(torch.bfloat16, attn)
         step = {}
         try:
             t0 = time.perf_counter()

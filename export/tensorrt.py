@@ -19,13 +19,19 @@ class TensorRTError(RuntimeError):
 
 
 def build_plan(onnx_path: Path, plan_path: Path, gpu, workspace_gb: float = 8.0) -> Path:
+    import onnx
+
     from x2v.plugins.tensorrt_plugin import register, trt_module
 
     trt = trt_module()
-    register()
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    if any(n.domain == "x2v" for n in graph.node):
+        register()  # the parser maps x2v::SageAttention nodes to this plugin
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # TensorRT-RTX: always
+    strongly_typed = getattr(
+        trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None
+    )  # TensorRT-RTX: always
     network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
