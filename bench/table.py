@@ -71,7 +71,8 @@ def load_row(row: str, cfg, ckpt: Path, engines: Path | None, device: str):
              "t5": load_part("t5", ckpt, cfg, half, device),
              "vae": load_part("vae", ckpt, cfg, torch.float32 if row == "baseline" else half, device)}  # fmt: skip
     if cfg.dit.i2v:
-        parts["clip"] = load_part("clip", ckpt, cfg, torch.float16 if cuda else torch.float32, device)
+        clip_dtype = torch.float16 if cuda and row == "baseline" else half  # fp16 as official, under autocast
+        parts["clip"] = load_part("clip", ckpt, cfg, clip_dtype, device)
     if cuda:
         torch.cuda.synchronize()
     pipe = Pipeline(cfg, parts, device, time.perf_counter() - t0)
