@@ -17,8 +17,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class LayerNorm(nn.LayerNorm):
+    """Computed in float32 whatever the stored dtype (bf16/fp16 weights included)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        w, b = self.weight.float(), self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 class SelfAttention(nn.Module):
