@@ -17,8 +17,9 @@ Rows (the published table's configurations, run through x2v):
 Each row records load time, end-to-end time (encoders, all steps, VAE decode, MP4 write), peak GPU memory,
 a one-step breakdown (pre, blocks, post) and, against the baseline row's saved outputs, the relative L2 of
 the final latents and the PSNR of the decoded video. `--steps N` runs fewer sampling steps than the model's
-(to fit a device budget); the row then also reports the end-to-end time projected to the full schedule
-from the measured per-step time, and the rendered table marks it.
+(to fit a device budget); the row then also reports the end-to-end time projected to the full schedule:
+the measured run plus the missing steps at the median time of steps 2..n (step 1 carries warm-up such as
+Triton autotuning, which a full run pays once too), and the rendered table marks it.
 """
 
 from __future__ import annotations
@@ -138,9 +139,12 @@ def run_row(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    marks = []  # wall time at the end of every step: per-step times exclude the first (warm-up) step
     t0 = time.perf_counter()
     with autocast:
-        result = pipe.generate(image=IMAGE if cfg.dit.i2v else None, prompt=PROMPT, **kw)
+        result = pipe.generate(image=IMAGE if cfg.dit.i2v else None, prompt=PROMPT,
+                               progress=lambda i: (sync(), marks.append(time.perf_counter())), **kw)  # fmt: skip
         mp4 = work / f"{args.row}.mp4"
         write_mp4(result.frames, mp4, fps=s.fps)
     e2e = time.perf_counter() - t0
@@ -150,14 +154,11 @@ def run_row(args) -> dict:
     if device == "cuda":
         row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
         row["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
-    if row["steps"] < full:  # measured with fewer steps: project the denoising part to the full schedule
-        per_step = row["denoise_s"] / max(row["steps_computed"], 1)
-        computed_full = (
-            full
-            if not args.row.startswith("fp8-teacache")
-            else round(row["steps_computed"] * full / row["steps"])
-        )
-        row["e2e_projected_s"] = e2e - row["denoise_s"] + per_step * computed_full
+    steps_s = [float(d) for d in np.diff(marks)]
+    row["step_s"] = steps_s  # steps 2..n (the first has no start mark inside the loop)
+    if row["steps"] < full:  # fewer steps than the schedule: add the missing ones at the steady per-step time
+        per_step = float(np.median(steps_s)) if steps_s else row["denoise_s"] / max(row["steps"], 1)
+        row["e2e_projected_s"] = e2e + per_step * (full - row["steps"]) * row["steps_computed"] / row["steps"]
     with torch.no_grad(), autocast:
         image = load_image(IMAGE) if cfg.dit.i2v else None
         cond, _, shape = pipe.encode(image, PROMPT, "", s.frames, s.height, s.width)
