@@ -187,6 +187,18 @@ def run_row(args) -> dict:
     return row
 
 
+def comparable_s(r: dict) -> float | None:
+    """End-to-end seconds of the full schedule: measured, or projected from steady steps; None if neither."""
+    if "e2e_projected_s" not in r:
+        return r["e2e_s"]
+    return r["e2e_projected_s"] if "step_s" in r else None
+
+
+def speedup(r: dict, base: dict | None) -> str:
+    a, b = comparable_s(r), comparable_s(base) if base else None
+    return "-" if a is None or b is None else f"{b / a:.2f}x"
+
+
 def render(args) -> Path:
     """table-<card>.md and .json from the rows measured on that card."""
     root = Path(args.out or RESULTS)
@@ -208,20 +220,23 @@ def render(args) -> Path:
     nan = float("nan")
     for name in [r for r in ROWS if r in rows]:
         r = rows[name]
-        e2e = r.get("e2e_projected_s", r["e2e_s"])
-        ref = base.get("e2e_projected_s", base["e2e_s"]) if base else None
         b = r["step_breakdown"]
         projected = f"{r['e2e_projected_s']:.1f}" if "e2e_projected_s" in r else "-"
+        if "e2e_projected_s" in r and "step_s" not in r:  # rows from before e036461: warm-up included
+            projected += "*"
         lines.append(
             f"| {name} | {r['steps_computed']}/{r['steps']} of {r['full_steps']} | {r['load_s']:.1f} | "
             f"{r['e2e_s']:.1f} | {projected} | {r.get('peak_gb', nan):.1f} | "
-            f"{'' if ref is None else f'{ref / e2e:.2f}x'} | {r.get('latents_rel_l2_vs_baseline', nan):.3f} | "
+            f"{speedup(r, base)} | {r.get('latents_rel_l2_vs_baseline', nan):.3f} | "
             f"{r.get('video_psnr_vs_baseline_db', nan):.1f} | "
             f"{b['pre_ms']:.0f} / {b['blocks_ms']:.0f} / {b['post_ms']:.0f} |"
         )
     env = next(iter(rows.values()))["env"]
-    lines += ["", f"Card {env['card']}, driver {env.get('driver', '-')}, torch {env['torch']}, commit {env['git_commit']}.",
-              "Speedup: baseline end-to-end / row end-to-end (projected to the full schedule where fewer steps ran)."]  # fmt: skip
+    commits = ", ".join(sorted({r["env"]["git_commit"][:7] for r in rows.values()}))
+    lines += ["", f"Card {env['card']}, driver {env.get('driver', '-')}, torch {env['torch']}, commits {commits}.",
+              "Speedup: baseline end-to-end / row end-to-end (projected to the full schedule where fewer steps ran).",
+              "* projected as (denoise time / steps run) x steps: the first step's warm-up (Triton autotuning of the "
+              "SageAttention kernel) is spread over the few steps run, so these overstate the full run; no speedup is given for them."]  # fmt: skip
     md = root / f"table-{card}.md"
     md.write_text("\n".join(lines) + "\n")
     (root / f"table-{card}.json").write_text(json.dumps(rows, indent=1))
