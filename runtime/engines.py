@@ -109,9 +109,31 @@ def check(manifest: dict, directory: Path, ckpt: Path, verify_engines: bool = Tr
                 )
 
 
+def probe_aoti(path: Path) -> None:
+    """Load one package in a child process first: on some images (torch 2.11+cu130) loading segfaults inside
+    the compiled wrapper's std::regex (a libstdc++ mismatch), which would kill the service with no message."""
+    import os
+    import subprocess
+    import sys
+
+    if "libstdc++" in os.environ.get("LD_PRELOAD", "") or os.environ.get("X2V_AOTI_PROBE") == "0":
+        return
+    code = f"from torch._inductor import aoti_load_package; aoti_load_package({str(path)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode < 0:  # killed by a signal
+        raise EngineError(
+            f"{path}: loading AOTInductor packages crashes this process (signal {-proc.returncode}), a known "
+            "libstdc++ mismatch; start the runtime with LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6 "
+            "(the system library) and try again"
+        )
+
+
 def _aoti(path: Path, device):
     from torch._inductor import aoti_load_package
 
+    if not getattr(probe_aoti, "_done", False):
+        probe_aoti(path)
+        probe_aoti._done = True
     runner = aoti_load_package(str(path))
     return lambda *args: runner(*args)
 

@@ -238,3 +238,15 @@ def test_safetensors_index_mismatch_is_refused(tmp_path, tiny_ckpt, tiny_cfg):
     with pytest.raises(CheckpointError):
         read_state_dict(index)
     assert load_file  # the shards themselves stay readable with plain safetensors
+
+
+def test_clip_runs_with_half_precision_weights(tiny_ckpt, tiny_cfg):
+    """The GPU path loads CLIP in bf16: its float32 LayerNorms must accept half-precision weights."""
+    from x2v.export.load import load_part
+
+    clip32 = load_part("clip", tiny_ckpt, tiny_cfg, torch.float32)
+    clip16 = load_part("clip", tiny_ckpt, tiny_cfg, torch.bfloat16)
+    img = torch.rand(1, 3, 28, 28) * 2 - 1
+    out = clip16(img.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(out.float().flatten(), clip32(img).flatten(), dim=0) > 0.99
