@@ -170,7 +170,7 @@ def engine(cfg, args, x, ref, res):
     write_result("fp8_forward", res, args.out)
     torch.cuda.empty_cache()
     t0 = time.perf_counter()
-    dit, m, _ = E.load(out)
+    dit, m, _, _ = E.load(out)
     torch.cuda.synchronize()
     res["engine_load_s"] = time.perf_counter() - t0
     cond = Conditioning(x["context"], x["clip_fea"], x["y"])

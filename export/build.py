@@ -58,7 +58,7 @@ def source_hash() -> str:
 
 def build(model: str, ckpt: Path, gpu: str, out: Path, precision: str | None = None, attn: str | None = None,
           backend: str | None = None, dit_file: str | None = None, profiles: list[str] | None = None,
-          autotune: bool | None = None, log=print) -> dict:  # fmt: skip
+          autotune: bool | None = None, dit_only: bool = False, log=print) -> dict:  # fmt: skip
     from x2v.export.load import load_dit
 
     cfg, g = load_model_config(model), load_gpu_config(gpu)
@@ -157,6 +157,8 @@ def build(model: str, ckpt: Path, gpu: str, out: Path, precision: str | None = N
             "build_s": round(timings[key], 2),
         }  # fmt: skip
         log(f"{key}: built {file} in {timings[key]:.1f} s ({entries[key]['bytes'] / 1e6:.1f} MB)")
+    if backend != "aoti" and not dit_only:  # encoders and VAE as ONNX engines (AOTInductor: torch modules)
+        entries.update(build_aux(cfg, ckpt, out, shapes, g, compute, backend, common, old, log))
     manifest = {
         "format": FORMAT, "model": cfg.name, "model_config": json.loads(json.dumps(dataclasses.asdict(cfg))),
         "gpu": gpu, "backend": backend, "precision": precision, "attention": attn,
@@ -169,6 +171,64 @@ def build(model: str, ckpt: Path, gpu: str, out: Path, precision: str | None = N
     }  # fmt: skip
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def build_aux(cfg, ckpt, out, shapes, g, compute, backend, common, old, log) -> dict:
+    """umT5, CLIP and VAE encode/decode engines; their key includes the weight files' size and mtime."""
+    from x2v.export.load import load_part
+
+    entries = {}
+    files = {
+        "text": cfg.files.t5,
+        "image": cfg.files.clip,
+        "vae_encode": cfg.files.vae,
+        "vae_decode": cfg.files.vae,
+    }
+    jobs = [("text", None)] + ([("image", None)] if cfg.dit.i2v else [])
+    jobs += [(p, s) for s in shapes for p in ("vae_encode", "vae_decode")]
+    ext = {"onnx": "onnx", "tensorrt": "plan"}[backend]
+    models = {}
+    for part, shape in jobs:
+        prof = None if shape is None else f"{shape[0]}x{shape[1]}x{shape[2]}"
+        key = part if prof is None else f"{part}@{prof}"
+        wfile = Path(ckpt) / files[part]
+        stat = wfile.stat()
+        digest = hashlib.sha256(json.dumps({**common, "engine": key, "weights": [wfile.name, stat.st_size, stat.st_mtime_ns]},
+                                           sort_keys=True, default=str).encode()).hexdigest()  # fmt: skip
+        file = f"{part}{'' if prof is None else '-' + prof}.{ext}"
+        prev = old.get(key)
+        if (
+            prev
+            and prev.get("key") == digest
+            and (out / file).is_file()
+            and sha256_file(out / file) == prev["sha256"]
+        ):
+            entries[key] = prev
+            log(f"{key}: up to date")
+            continue
+        t1 = time.perf_counter()
+        name = {"text": "t5", "image": "clip", "vae_encode": "vae", "vae_decode": "vae"}[part]
+        if name not in models:
+            models[name] = load_part(name, ckpt, cfg, dtype=compute, device=g.device)
+        latent = (
+            None
+            if shape is None
+            else (1, cfg.vae.z_dim, (shape[0] - 1) // 4 + 1, shape[1] // 8, shape[2] // 8)
+        )
+        info = E.export_aux_onnx(
+            part, models[name], cfg, latent, out / Path(file).with_suffix(".onnx"), g.device, compute
+        )
+        if backend == "tensorrt":
+            from x2v.export.tensorrt import build_plan
+
+            build_plan(out / Path(file).with_suffix(".onnx"), out / file, g)
+        entries[key] = {
+            "file": file, "sha256": sha256_file(out / file), "bytes": (out / file).stat().st_size, "key": digest,
+            "inputs": [[n, dtype_name(a.dtype), list(a.shape)] for n, a in zip(info["inputs"], info["example"])],
+            "outputs": info["outputs"], "weights": [], "build_s": round(time.perf_counter() - t1, 2),
+        }  # fmt: skip
+        log(f"{key}: built {file} in {entries[key]['build_s']:.1f} s ({entries[key]['bytes'] / 1e6:.1f} MB)")
+    return entries
 
 
 __all__ = ["build", "BuildError", "ConfigError", "CheckpointError"]

@@ -161,13 +161,20 @@ def quantize(model, ckpt, calib, stem, report, device):
 @click.option(
     "--profile", "profiles", multiple=True, help="FRAMESxHEIGHTxWIDTH, repeatable (default: the model's)"
 )
-def build_cmd(model, ckpt, gpu, out, precision, attn, backend, dit_file, profiles):
-    """Build the DiT engines (time, pre, block, post) for one GPU and write manifest.json."""
+@click.option(
+    "--dit-only", is_flag=True, help="skip the umT5, CLIP and VAE engines (they then run as torch modules)"
+)
+@click.option(
+    "--autotune/--no-autotune", default=None, help="AOTInductor max-autotune (default: the GPU config's)"
+)
+def build_cmd(model, ckpt, gpu, out, precision, attn, backend, dit_file, profiles, dit_only, autotune):
+    """Build the engines for one GPU and write manifest.json: DiT (time, pre, block, post) and, for the ONNX
+    and TensorRT backends, umT5, CLIP and VAE encode/decode."""
     from x2v.export.build import BuildError, CheckpointError, ConfigError, build
 
     try:
-        m = build(model, ckpt, gpu, out, precision, attn, backend, dit_file, list(profiles) or None,
-                  log=lambda s: click.echo(s, err=True))  # fmt: skip
+        m = build(model, ckpt, gpu, out, precision, attn, backend, dit_file, list(profiles) or None, autotune,
+                  dit_only, log=lambda s: click.echo(s, err=True))  # fmt: skip
     except (BuildError, CheckpointError, ConfigError) as e:
         _fail(e)
     size = sum(e["bytes"] for e in m["engines"].values())

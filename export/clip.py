@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from x2v.runtime.config import CLIPConfig
+from x2v.runtime.pipeline import resize_for_clip
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -70,8 +71,10 @@ class VisionTransformer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] in [-1, 1] -> features of block 31 [B, 1 + patches, dim] (Wan's use_31_block)."""
-        size = (self.cfg.image_size,) * 2
-        x = F.interpolate(images.float(), size=size, mode="bicubic", align_corners=False)
+        return self.encode_resized(resize_for_clip(images, self.cfg.image_size))
+
+    def encode_resized(self, x: torch.Tensor) -> torch.Tensor:
+        """The tower on images already resized to image_size (what the image-encoder engine computes)."""
         mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
         x = ((x * 0.5 + 0.5 - mean) / std).to(self.patch_embedding.weight.dtype)

@@ -163,3 +163,53 @@ def _quiet():
 
 def _act_dtype(dit) -> torch.dtype:
     return dit.blocks[0].dtype
+
+
+# Encoders and VAE as engines (ONNX backends). Their weights stay inside the graphs (initializers, external
+# data over 2 GB): unlike the blocks there is one instance of each, so there is nothing to share.
+
+AUX = ("text", "image", "vae_encode", "vae_decode")
+
+
+class _Method(nn.Module):
+    def __init__(self, model: nn.Module, method):
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, *args):
+        return self.method(self.model, *args)
+
+
+def aux_module(part: str, model: nn.Module) -> nn.Module:
+    methods = {"text": lambda m, ids, mask: m(ids, mask), "image": lambda m, x: m.visual.encode_resized(x),
+               "vae_encode": lambda m, v: m.encode(v), "vae_decode": lambda m, z: m.decode(z)}  # fmt: skip
+    return _Method(model, methods[part]).eval()
+
+
+def aux_inputs(part: str, cfg, shape, device, dtype) -> tuple[list[str], list[torch.Tensor]]:
+    """(names, example tensors) for an encoder/VAE engine; `shape` is the latent [1, z, T, h, w]."""
+    if part == "text":
+        ids = torch.randint(0, cfg.t5.vocab, (2, cfg.dit.text_len), device=device)
+        return ["ids", "mask"], [ids, torch.ones_like(ids)]
+    if part == "image":
+        s = cfg.clip.image_size
+        return ["image"], [torch.rand(1, 3, s, s, device=device) * 2 - 1]
+    _, z, t, h, w = shape
+    if part == "vae_encode":
+        return ["video"], [torch.rand(1, 3, (t - 1) * 4 + 1, h * 8, w * 8, device=device).to(dtype) * 2 - 1]
+    return ["latents"], [torch.randn(1, z, t, h, w, device=device).to(dtype)]
+
+
+def export_aux_onnx(part: str, model: nn.Module, cfg, shape, path: Path, device="cpu", dtype=torch.float32,
+                    opset: int = 21) -> dict:  # fmt: skip
+    names, args = aux_inputs(part, cfg, shape, device, dtype)
+    outputs = {"text": ["context"], "image": ["clip_fea"], "vae_encode": ["latent"], "vae_decode": ["video"]}[
+        part
+    ]
+    with torch.no_grad(), _quiet():
+        program = torch.onnx.export(aux_module(part, model), tuple(args), dynamo=True, opset_version=opset,
+                                    input_names=names, output_names=outputs, optimize=True, verbose=False,
+                                    report=False)  # fmt: skip
+        big = sum(p.numel() * p.element_size() for p in model.parameters()) > (2 << 30)
+        program.save(str(path), external_data=big)
+    return {"inputs": names, "outputs": outputs, "example": args}

@@ -20,7 +20,7 @@ from x2v.runtime.checkpoint import identity, read_state_dict, resolve
 MANIFEST = "manifest.json"
 FORMAT = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float8_e4m3fn": torch.float8_e4m3fn}  # fmt: skip
+          "float8_e4m3fn": torch.float8_e4m3fn, "int64": torch.int64, "int32": torch.int32}  # fmt: skip
 
 
 class EngineError(ValueError):
@@ -197,6 +197,60 @@ def _trt(path: Path, device):
 LOADERS = {"aoti": _aoti, "onnx": _ort, "tensorrt": _trt}
 
 
+def run_engine(m: dict, engines: dict, device, name: str, profile: str | None, inputs: list, weights=()):
+    """Call one engine: inputs checked against the manifest's shapes and converted to its dtypes."""
+    key = name if profile is None else f"{name}@{profile}"
+    if key not in engines:
+        have = ", ".join(m["profiles"])
+        raise EngineError(f"no {name} engine for {profile} (frames x height x width); built profiles: {have}")
+    args = []
+    for (n, dt, shape), a in zip(m["engines"][key]["inputs"], inputs):
+        if list(a.shape) != shape:
+            raise EngineError(f"{key}: input {n} has shape {list(a.shape)}, the engine takes {shape}")
+        # AOTInductor code reads inputs with the strides they were traced with (dense): never pass a view
+        args.append(a.to(device, DTYPES[dt]).contiguous())
+    out = engines[key](*args, *weights)
+    return out if isinstance(out, (list, tuple)) else [out]
+
+
+class TextEngine:
+    """umT5 as an engine: t5(ids, mask) -> context, like the torch module."""
+
+    def __init__(self, m, engines, device):
+        self.m, self.engines, self.device = m, engines, device
+
+    def __call__(self, ids, mask):
+        return run_engine(self.m, self.engines, self.device, "text", None, [ids, mask])[0]
+
+
+class ImageEngine:
+    """CLIP as an engine: the resize to the tower's input size runs here, the tower in the engine."""
+
+    def __init__(self, m, engines, device):
+        self.m, self.engines, self.device = m, engines, device
+        self.size = m["model_config"]["clip"]["image_size"]
+
+    def __call__(self, images):
+        from x2v.runtime.pipeline import resize_for_clip
+
+        x = resize_for_clip(images, self.size)
+        return run_engine(self.m, self.engines, self.device, "image", None, [x])[0]
+
+
+class VAEEngine:
+    """The VAE as engines per profile: encode(video) and decode(latents), like the torch module."""
+
+    def __init__(self, m, engines, device):
+        self.m, self.engines, self.device = m, engines, device
+
+    def encode(self, video):
+        f, h, w = video.shape[2:]
+        return run_engine(self.m, self.engines, self.device, "vae_encode", f"{f}x{h}x{w}", [video])[0]
+
+    def decode(self, z, chunk=None):
+        return run_engine(self.m, self.engines, self.device, "vae_decode", profile_key(z.shape), [z])[0]
+
+
 class EngineDiT:
     """The DiT callable of the runtime loop (time/pre/run_blocks/post/grid) over loaded engines."""
 
@@ -206,21 +260,7 @@ class EngineDiT:
         self.num_layers = manifest["model_config"]["dit"]["num_layers"]
 
     def _run(self, name: str, profile: str | None, inputs: list, weights: list):
-        key = name if profile is None else f"{name}@{profile}"
-        if key not in self.engines:
-            have = ", ".join(self.m["profiles"])
-            raise EngineError(
-                f"no {name} engine for {profile} (frames x height x width); built profiles: {have}"
-            )
-        spec = self.m["engines"][key]["inputs"]
-        args = []
-        for (n, dt, shape), a in zip(spec, inputs):
-            if list(a.shape) != shape:
-                raise EngineError(f"{key}: input {n} has shape {list(a.shape)}, the engine takes {shape}")
-            # AOTInductor code reads inputs with the strides they were traced with (dense): never pass a view
-            args.append(a.to(self.device, DTYPES[dt]).contiguous())
-        out = self.engines[key](*args, *weights)
-        return out if isinstance(out, (list, tuple)) else [out]
+        return run_engine(self.m, self.engines, self.device, name, profile, inputs, weights)
 
     def grid(self, shape):
         pt, ph, pw = self.patch
@@ -247,7 +287,8 @@ class EngineDiT:
 
 
 def load(directory: Path, ckpt: Path | None = None, device=None, verify_engines: bool = True):
-    """-> (EngineDiT, manifest, checkpoint directory). Checks everything before reading any weight."""
+    """-> (EngineDiT, manifest, checkpoint directory, {"t5"/"clip"/"vae": engine wrappers, where built}).
+    Checks everything before reading any weight."""
     directory = Path(directory)
     m = read_manifest(directory)
     ckpt = Path(ckpt or m["checkpoint"]["dir"])
@@ -277,4 +318,11 @@ def load(directory: Path, ckpt: Path | None = None, device=None, verify_engines:
             f"{directory}: backend {m['backend']!r} cannot run on this node (this x2v runs: {', '.join(LOADERS)})"
         )
     engines = {key: loader(directory / e["file"], device) for key, e in m["engines"].items()}
-    return EngineDiT(m, engines, weights, device), m, ckpt
+    aux = {}
+    if "text" in engines:
+        aux["t5"] = TextEngine(m, engines, device)
+    if "image" in engines:
+        aux["clip"] = ImageEngine(m, engines, device)
+    if any(k.startswith("vae_decode@") for k in engines):
+        aux["vae"] = VAEEngine(m, engines, device)
+    return EngineDiT(m, engines, weights, device), m, ckpt, aux

@@ -6,6 +6,7 @@ result = pipe.generate(image="cat.png", prompt="a cat walks on the beach", seed=
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,8 @@ from x2v.runtime.config import WAN_NEGATIVE_PROMPT, ModelConfig, load_model_conf
 from x2v.runtime.denoise import Conditioning, denoise
 from x2v.runtime.sampler import euler_schedule, make_sampler, unipc_schedule
 from x2v.runtime.teacache import plan as teacache_plan
+
+log = logging.getLogger("x2v")
 
 
 class InputError(ValueError):
@@ -81,6 +84,14 @@ def load_image(image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+def resize_for_clip(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Any image size -> [B, 3, size, size] float32 (bicubic, as open-clip's transform in Wan): the step
+    before the CLIP tower, kept outside it so an image-encoder engine has one input shape."""
+    return torch.nn.functional.interpolate(
+        images.float(), size=(size, size), mode="bicubic", align_corners=False
+    )
+
+
 def i2v_size(image_hw: tuple[int, int], max_area: int, stride: int = 8, patch: int = 2) -> tuple[int, int]:
     """Wan's I2V output size: the image's aspect ratio at about `max_area` pixels, in multiples of 16."""
     aspect = image_hw[0] / image_hw[1]
@@ -139,17 +150,27 @@ class Pipeline:
     @classmethod
     def from_engines(cls, engines: Path, ckpt: Path | None = None, device: str | None = None) -> Pipeline:
         """Engine backend: the DiT from an engine directory (checked against its manifest), weights bound from
-        the checkpoint's safetensors; umT5, CLIP and the VAE run as torch modules (not engines yet)."""
+        the checkpoint's safetensors; umT5, CLIP and the VAE from their engines where the backend builds them
+        (ONNX, TensorRT), else as torch modules (AOTInductor builds; said in the log)."""
         from x2v.export.load import load_part
         from x2v.runtime import engines as E
         from x2v.runtime.tokenizer import Tokenizer
 
         t0 = time.perf_counter()
-        dit, m, ckpt = E.load(engines, ckpt, device)
+        dit, m, ckpt, aux = E.load(engines, ckpt, device)
         cfg, device = load_model_config(m["model"]), dit.device
         dtype = E.DTYPES[m["compute_dtype"]]
-        parts = {"tokenizer": Tokenizer(Path(ckpt) / cfg.files.tokenizer, cfg.dit.text_len), "dit": dit}
-        for part in ("vae", "t5") + (("clip",) if cfg.dit.i2v else ()):
+        parts = {
+            "tokenizer": Tokenizer(Path(ckpt) / cfg.files.tokenizer, cfg.dit.text_len),
+            "dit": dit,
+            **aux,
+        }
+        torch_parts = [p for p in ("vae", "t5") + (("clip",) if cfg.dit.i2v else ()) if p not in aux]
+        if torch_parts:
+            log.info(
+                "%s engines cover the DiT only: %s run as torch modules", m["backend"], ", ".join(torch_parts)
+            )
+        for part in torch_parts:
             parts[part] = load_part(part, ckpt, cfg, dtype=dtype, device=device)
         if device.type == "cuda":
             torch.cuda.synchronize()

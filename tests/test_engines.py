@@ -38,6 +38,7 @@ def copy_engines(src, tmp_path):
 def test_engine_pipeline_matches_the_torch_backend(tiny_ckpt, tiny_cfg, engines):
     ref = Pipeline.load(tiny_ckpt, tiny_cfg).generate(IMAGE, PROMPT, seed=3, batch_cfg=False, teacache=0.3)
     pipe = Pipeline.from_engines(engines)
+    assert [type(p).__name__ for p in (pipe.t5, pipe.clip, pipe.vae)] == ["TextEngine", "ImageEngine", "VAEEngine"]
     out = pipe.generate(IMAGE, PROMPT, seed=3, teacache=0.3)
     rel = (out.latents - ref.latents).norm() / ref.latents.norm()
     assert rel < 1e-5, rel  # ONNX Runtime vs torch, float32: summation order only
@@ -45,11 +46,13 @@ def test_engine_pipeline_matches_the_torch_backend(tiny_ckpt, tiny_cfg, engines)
         out.steps_computed == ref.steps_computed < out.steps_total
     )  # the TeaCache plan came from the time engine
     assert out.frames.shape == ref.frames.shape
+    assert abs(out.frames.astype(int) - ref.frames.astype(int)).max() <= 1  # umT5, CLIP, VAE engines too
 
 
 def test_engine_graphs_are_valid_onnx_with_weights_as_inputs(engines):
     manifest = json.loads((engines / "manifest.json").read_text())
-    assert set(manifest["engines"]) == {"time", "pre@9x48x64", "block@9x48x64", "post@9x48x64"}
+    assert set(manifest["engines"]) == {"time", "pre@9x48x64", "block@9x48x64", "post@9x48x64", "text", "image",
+                                        "vae_encode@9x48x64", "vae_decode@9x48x64"}  # fmt: skip
     block = onnx.load(str(engines / manifest["engines"]["block@9x48x64"]["file"]))
     onnx.checker.check_model(block)
     baked = sum(int(torch.tensor(i.dims).prod()) for i in block.graph.initializer)
@@ -67,7 +70,9 @@ def test_fp8_engines_hold_qdq_nodes_and_match_torch(tiny_ckpt, tiny_cfg, tmp_pat
     records = capture.capture(pipe, [{"prompt": PROMPT, "image": IMAGE}], steps_per_run=2)
     model = ptq.calibrate(load_dit(tiny_ckpt, tiny_cfg, torch.float32), tiny_cfg.fp8.targets(2), records)
     ptq.save_quantized(ptq.fp8_state(model, tiny_cfg.fp8.targets(2)), tiny_ckpt, "dit-fp8-eng", {})
-    m = build("tiny", tiny_ckpt, "cpu", tmp_path / "e8", dit_file="dit-fp8-eng", log=lambda s: None)
+    m = build(
+        "tiny", tiny_ckpt, "cpu", tmp_path / "e8", dit_file="dit-fp8-eng", dit_only=True, log=lambda s: None
+    )
     assert m["precision"] == "fp8"
     ops = {n.op_type for n in onnx.load(str(tmp_path / "e8" / "block-9x48x64.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -167,9 +172,9 @@ def test_rebuild_reuses_what_is_up_to_date(tiny_ckpt, engines, tmp_path):
     d = copy_engines(engines, tmp_path)
     logs = []
     build("tiny", tiny_ckpt, "cpu", d, log=logs.append)
-    assert sum("up to date" in s for s in logs) == 4
+    assert sum("up to date" in s for s in logs) == 8
     logs.clear()
-    m = build("tiny", tiny_ckpt, "cpu", d, profiles=["9x48x64", "5x48x64"], log=logs.append)
+    m = build("tiny", tiny_ckpt, "cpu", d, profiles=["9x48x64", "5x48x64"], dit_only=True, log=logs.append)
     assert sum("up to date" in s for s in logs) == 4 and sum("built" in s for s in logs) == 3
     assert m["profiles"] == ["9x48x64", "5x48x64"]
 

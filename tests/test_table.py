@@ -34,7 +34,7 @@ def test_table_rows_and_render(tiny_ckpt, tiny_cfg, tmp_path):
     model = ptq.calibrate(load_dit(tiny_ckpt, tiny_cfg, torch.float32), targets, records)
     ptq.save_quantized(ptq.fp8_state(model, targets), tiny_ckpt, "dit-fp8-table", {})
     engines = tmp_path / "engines"
-    build("tiny", tiny_ckpt, "cpu", engines, dit_file="dit-fp8-table", log=lambda s: None)
+    build("tiny", tiny_ckpt, "cpu", engines, dit_file="dit-fp8-table", dit_only=True, log=lambda s: None)
 
     common = ["--model", "tiny", "--distill-model", "tiny-distill", "--ckpt", str(tiny_ckpt),
               "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results")]  # fmt: skip
