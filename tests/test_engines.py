@@ -38,7 +38,8 @@ def copy_engines(src, tmp_path):
 def test_engine_pipeline_matches_the_torch_backend(tiny_ckpt, tiny_cfg, engines):
     ref = Pipeline.load(tiny_ckpt, tiny_cfg).generate(IMAGE, PROMPT, seed=3, batch_cfg=False, teacache=0.3)
     pipe = Pipeline.from_engines(engines)
-    assert [type(p).__name__ for p in (pipe.t5, pipe.clip, pipe.vae)] == ["TextEngine", "ImageEngine", "VAEEngine"]
+    kinds = [type(p).__name__ for p in (pipe.t5, pipe.clip, pipe.vae)]
+    assert kinds == ["TextEngine", "ImageEngine", "VAEEngine"]
     out = pipe.generate(IMAGE, PROMPT, seed=3, teacache=0.3)
     rel = (out.latents - ref.latents).norm() / ref.latents.norm()
     assert rel < 1e-5, rel  # ONNX Runtime vs torch, float32: summation order only
