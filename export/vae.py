@@ -219,6 +219,24 @@ class Decoder3d(nn.Module):
         return _run([self.conv1, *self.middle, *self.upsamples, *self.head], x, cache)
 
 
+def _tile_starts(n: int, tile: int, stride: int) -> list[int]:
+    starts = list(range(0, max(n - tile, 0) + 1, stride))
+    if starts[-1] + tile < n:
+        starts.append(n - tile)
+    return starts
+
+
+def _ramp(n: int, head: int, tail: int, device) -> torch.Tensor:
+    """Blend weights along one axis: rising over `head` samples, falling over `tail`, 1 elsewhere."""
+    i = torch.arange(n, device=device, dtype=torch.float32) + 0.5
+    w = torch.ones(n, device=device)
+    if head:
+        w = torch.minimum(w, i / head)
+    if tail:
+        w = torch.minimum(w, (n - i) / tail)
+    return w
+
+
 class WanVAE(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -248,6 +266,32 @@ class WanVAE(nn.Module):
         mu = self.conv1(out).chunk(2, dim=1)[0].float()
         mean, std = self._stats(mu)
         return (mu - mean) / std
+
+    def decode_tiled(
+        self, z: torch.Tensor, tile: int = 32, overlap: int = 8, chunk: int | None = 1
+    ) -> torch.Tensor:
+        """decode() in spatial tiles of `tile` x `tile` latents overlapping by `overlap`, blended linearly:
+        activation memory of one tile instead of the whole frame. Equal to decode() when one tile covers it."""
+        _, _, _, h, w = z.shape
+        if h <= tile and w <= tile:
+            return self.decode(z, chunk)
+        if not 0 < overlap < tile:
+            raise ValueError(f"tile overlap must be in (0, {tile}), got {overlap}")
+        out = weight = None
+        for y0 in _tile_starts(h, tile, tile - overlap):
+            for x0 in _tile_starts(w, tile, tile - overlap):
+                y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+                part = self.decode(z[:, :, :, y0:y1, x0:x1], chunk)
+                ramp = 8 * overlap
+                wy = _ramp(8 * (y1 - y0), ramp if y0 > 0 else 0, ramp if y1 < h else 0, part.device)
+                wx = _ramp(8 * (x1 - x0), ramp if x0 > 0 else 0, ramp if x1 < w else 0, part.device)
+                wgt = wy[:, None] * wx[None, :]
+                if out is None:
+                    out = part.new_zeros(*part.shape[:3], 8 * h, 8 * w)
+                    weight = part.new_zeros(8 * h, 8 * w)
+                out[..., 8 * y0 : 8 * y1, 8 * x0 : 8 * x1] += part * wgt
+                weight[8 * y0 : 8 * y1, 8 * x0 : 8 * x1] += wgt
+        return out / weight
 
     def decode(self, z: torch.Tensor, chunk: int | None = 1) -> torch.Tensor:
         """normalized latent [B, z, T, h, w] -> video [B, 3, 4(T-1)+1, 8h, 8w] in [-1, 1].

@@ -40,6 +40,7 @@ def main():
 )
 @click.option("--dit", "dit_file", default=None,
               help="DiT file in --ckpt or a path (e.g. dit-fp8 from `x2v-export quantize`, or a LightX2V FP8 file)")  # fmt: skip
+@click.option("--vae-tile", type=int, default=None, help="decode in spatial tiles of N latents (less memory)")
 @click.option("--device", default=None, help="torch backend: cpu or cuda (default cpu); engines: their GPU")
 @click.option("--attn", type=click.Choice(["sdpa", "sage"]), default="sdpa", show_default=True)
 @click.option(
@@ -49,7 +50,7 @@ def main():
     help="also save final latents (.safetensors)",
 )
 def generate(ckpt, engines, model, image, prompt, negative_prompt, out, steps, seed, frames, height, width, teacache,
-             teacache_signal, sequential_cfg, dit_file, device, attn, save_latents):  # fmt: skip
+             teacache_signal, sequential_cfg, dit_file, vae_tile, device, attn, save_latents):  # fmt: skip
     """Generate a video and write it as MP4."""
     from tqdm import tqdm
 
@@ -76,7 +77,8 @@ def generate(ckpt, engines, model, image, prompt, negative_prompt, out, steps, s
         with tqdm(total=n, desc="denoise", unit="step") as bar:
             result = pipe.generate(image=image, prompt=prompt, negative_prompt=negative_prompt, steps=steps, seed=seed,
                                    teacache=teacache, teacache_signal=teacache_signal, frames=frames, height=height,
-                                   width=width, batch_cfg=not sequential_cfg, progress=lambda i: bar.update())  # fmt: skip
+                                   width=width, batch_cfg=not sequential_cfg, decode_tile=vae_tile,
+                                   progress=lambda i: bar.update())  # fmt: skip
     except (ConfigError, CheckpointError, InputError, EngineError, FileNotFoundError) as e:
         _fail(e)
     from x2v.runtime.video import write_mp4

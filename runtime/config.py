@@ -255,6 +255,7 @@ class GPUConfig:
     backend: str = "aoti"  # "aoti", "tensorrt" or "onnx"
     autotune: bool = False
     vae_chunk: int = 1
+    vae_tile: int | None = None  # spatial VAE decode tile in latents (None: whole frames)
     offload_encoders: bool = False
 
     @property

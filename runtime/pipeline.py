@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from x2v.runtime.config import WAN_NEGATIVE_PROMPT, ModelConfig, load_model_config, load_teacache_coefficients
+from x2v.runtime.config import (
+    WAN_NEGATIVE_PROMPT,
+    ModelConfig,
+    load_gpu_config,
+    load_model_config,
+    load_teacache_coefficients,
+)
 from x2v.runtime.denoise import Conditioning, denoise
 from x2v.runtime.sampler import euler_schedule, make_sampler, unipc_schedule
 from x2v.runtime.teacache import plan as teacache_plan
@@ -112,6 +118,19 @@ def output_size(cfg: ModelConfig, image: torch.Tensor | None, height: int, width
     return i2v_size(image.shape[1:], height * width) if cfg.dit.i2v else (height, width)
 
 
+class OnDevice:
+    """A module that lives on another device (an offloaded encoder): inputs go there, outputs come back."""
+
+    def __init__(self, module, device):
+        self.module, self.device = module, torch.device(device)
+        self.home = next(module.parameters()).device
+
+    def __call__(self, *args):
+        dtype = next(self.module.parameters()).dtype
+        args = [a.to(self.home, dtype if a.is_floating_point() else a.dtype) for a in args]
+        return self.module(*args).to(self.device)
+
+
 class Pipeline:
     def __init__(
         self, cfg: ModelConfig, parts: dict, device: str, load_s: float = 0.0, manifest: dict | None = None
@@ -121,6 +140,8 @@ class Pipeline:
             parts.get(k) for k in ("tokenizer", "t5", "clip", "vae", "dit")
         )
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.decode_tile = None  # default spatial VAE tile (engine directories: their GPU config's)
+        self.decode_chunk = 1  # latent frames per VAE decode pass
 
     @classmethod
     def load(cls, ckpt: Path, model: str | ModelConfig = "tiny", device: str = "cpu", dtype=None, attn: str = "sdpa",
@@ -170,11 +191,20 @@ class Pipeline:
             log.info(
                 "%s engines cover the DiT only: %s run as torch modules", m["backend"], ", ".join(torch_parts)
             )
+        offload = load_gpu_config(m["gpu"]).offload_encoders and device.type == "cuda"
         for part in torch_parts:
-            parts[part] = load_part(part, ckpt, cfg, dtype=dtype, device=device)
+            if offload and part in ("t5", "clip"):  # small GPUs: encoders on the CPU, outputs moved over
+                parts[part] = OnDevice(load_part(part, ckpt, cfg, dtype=torch.float32, device="cpu"), device)
+            else:
+                parts[part] = load_part(part, ckpt, cfg, dtype=dtype, device=device)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return cls(cfg, parts, str(device), time.perf_counter() - t0, manifest=m)
+        pipe = cls(cfg, parts, str(device), time.perf_counter() - t0, manifest=m)
+        gpu = load_gpu_config(m["gpu"])
+        pipe.decode_chunk = gpu.vae_chunk
+        if hasattr(pipe.vae, "decode_tiled"):  # a torch VAE: tile as the GPU config says
+            pipe.decode_tile = gpu.vae_tile
+        return pipe
 
     @torch.no_grad()
     def encode(
@@ -209,13 +239,20 @@ class Pipeline:
     def generate(self, image=None, prompt: str = "", negative_prompt: str | None = None, steps: int | None = None,
                  seed: int = 0, teacache: float = 0.0, teacache_signal: str = "e", guide_scale: float | None = None,
                  shift: float | None = None, frames: int | None = None, height: int | None = None,
-                 width: int | None = None, batch_cfg: bool = True, decode_chunk: int | None = 1,
-                 progress=None, skip_plan=None) -> Result:  # fmt: skip
-        """skip_plan: an explicit TeaCachePlan (e.g. a published schedule) instead of computing one."""
+                 width: int | None = None, batch_cfg: bool = True, decode_chunk: int | None = None,
+                 decode_tile: int | None = None, progress=None, skip_plan=None) -> Result:  # fmt: skip
+        """skip_plan: an explicit TeaCachePlan (e.g. a published schedule) instead of computing one.
+        decode_tile: decode the video in spatial tiles of this many latents (a quarter overlapping)."""
         s = self.cfg.sample
         frames, height, width = frames or s.frames, height or s.height, width or s.width
         guide_scale = s.guide_scale if guide_scale is None else guide_scale
         image = check_request(self.cfg, image, prompt, frames, height, width)
+        decode_tile = self.decode_tile if decode_tile is None else decode_tile
+        decode_chunk = self.decode_chunk if decode_chunk is None else decode_chunk
+        if decode_tile and not hasattr(self.vae, "decode_tiled"):
+            raise InputError(
+                "tiled VAE decode runs on the torch VAE; these engines include a VAE engine (build --dit-only)"
+            )
         if self.manifest is not None:  # engines exist for the built profiles only, at batch 1
             h, w = output_size(self.cfg, image, height, width)
             if f"{frames}x{h}x{w}" not in self.manifest["profiles"]:
@@ -262,7 +299,12 @@ class Pipeline:
         timings["denoise_s"] = self._lap(t0)
 
         t0 = time.perf_counter()
-        video = self.vae.decode(latents.to(self.dtype), chunk=decode_chunk)[0]
+        if decode_tile:
+            video = self.vae.decode_tiled(
+                latents.to(self.dtype), decode_tile, max(decode_tile // 4, 1), decode_chunk
+            )[0]
+        else:
+            video = self.vae.decode(latents.to(self.dtype), chunk=decode_chunk)[0]
         from x2v.runtime.video import to_uint8
 
         frames_u8 = to_uint8(video)

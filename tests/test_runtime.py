@@ -185,3 +185,14 @@ def test_cli_bad_input_is_one_line(tmp_path, args, message):
         base[args[i]] = args[i + 1]
     out = x2v("generate", "--prompt", "x", *[a for kv in base.items() for a in kv])
     assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_offloaded_encoder_moves_inputs_and_outputs(tiny_ckpt, tiny_cfg):
+    """`offload_encoders` GPUs run umT5/CLIP where their weights are (CPU) and hand results to the DiT's device."""
+    from x2v.export.load import load_part
+    from x2v.runtime.pipeline import OnDevice
+
+    t5 = load_part("t5", tiny_ckpt, tiny_cfg)
+    ids, mask = torch.randint(0, 500, (2, 64)), torch.ones(2, 64, dtype=torch.long)
+    out = OnDevice(t5, "cpu")(ids, mask)
+    assert out.device.type == "cpu" and torch.equal(out, t5(ids, mask))
