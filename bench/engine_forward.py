@@ -108,13 +108,14 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dir", default="/tmp/x2v-engines")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--autotune", action="store_true", help="AOTInductor max-autotune for the block engines")
     args = ap.parse_args()
     from x2v.export import engines as E
 
     cfg = load_model_config(args.model)
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
-    res = {"model": cfg.name, "variants": {}}
+    res = {"model": cfg.name, "autotune": args.autotune, "variants": {}}
     log = lambda k, v: print(k, json.dumps(v), flush=True)
     torch.manual_seed(0)
     bf16 = random_dit(cfg)
@@ -150,7 +151,10 @@ def main():
             r = {"eager": time_cuda(lambda m=model: m(**x), 1, args.reps)["median_ms"]}
             eager_block = model.blocks[0](*pre_out[0:1], pre_out[2], *pre_out[3:])
             t0 = time.perf_counter()
-            E.export_aoti(model, "block", shape, d / f"block-{name}.pt2", "cuda")
+            tune = (
+                {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"} if args.autotune else None
+            )
+            E.export_aoti(model, "block", shape, d / f"block-{name}.pt2", "cuda", tune)
             r["block_build_s"] = time.perf_counter() - t0
             r["block_engine_mb"] = (d / f"block-{name}.pt2").stat().st_size / 1e6
             t0 = time.perf_counter()
