@@ -7,12 +7,13 @@ re-run without re-sampling.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from x2v.runtime.engines import sha256_file
 
 FIELDS = ("x", "t", "context", "clip_fea", "y")
 
@@ -109,7 +110,7 @@ def save(records: list[dict], path: Path, meta: dict) -> str:
     index = [{"sample": r["sample"], "step": r["step"], "branch": r["branch"]} for r in records]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"x2v": json.dumps({**meta, "records": index})})
-    return sha256(path)
+    return sha256_file(path)
 
 
 def load(path: Path) -> tuple[list[dict], dict]:
@@ -127,11 +128,3 @@ def load(path: Path) -> tuple[list[dict], dict]:
     n = tensors["x"].shape[0]
     records = [{f: (tensors[f][i : i + 1] if f in tensors else None) for f in FIELDS} for i in range(n)]
     return records, meta
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()

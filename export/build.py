@@ -56,6 +56,51 @@ def source_hash() -> str:
     return h.hexdigest()
 
 
+def latent_shape(cfg, profile: tuple[int, int, int]) -> tuple[int, ...]:
+    """[1, z, T, h, w] of a (frames, height, width) profile."""
+    f, h, w = profile
+    return (1, cfg.vae.z_dim, (f - 1) // 4 + 1, h // 8, w // 8)
+
+
+def job(name: str, profile, ext: str, key_data: dict) -> tuple[str, str, str]:
+    """(manifest key, file name, build key) of one engine; the build key hashes everything it is built from."""
+    prof = None if profile is None else "x".join(map(str, profile))
+    key = name if prof is None else f"{name}@{prof}"
+    digest = hashlib.sha256(
+        json.dumps({**key_data, "engine": key}, sort_keys=True, default=str).encode()
+    ).hexdigest()
+    return key, f"{name}{'' if prof is None else '-' + prof}.{ext}", digest
+
+
+def reuse(old: dict, key: str, digest: str, path: Path, log) -> dict | None:
+    """The previous manifest entry when its build key and file hash still hold, else None (rebuild)."""
+    prev = old.get(key)
+    if prev and prev.get("key") == digest and path.is_file() and sha256_file(path) == prev["sha256"]:
+        log(f"{key}: up to date")
+        return prev
+    return None
+
+
+def compile_onnx(onnx_path: Path, plan_path: Path, g) -> None:
+    """The TensorRT plan of an exported ONNX engine (tensorrt backend)."""
+    from x2v.export.tensorrt import build_plan
+
+    try:
+        build_plan(onnx_path, plan_path, g)
+    except ImportError as e:
+        raise BuildError(str(e)) from None
+
+
+def entry(path: Path, digest: str, names, examples, outputs, weights, build_s: float, log, key: str) -> dict:
+    e = {
+        "file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size, "key": digest,
+        "inputs": [[n, dtype_name(a.dtype), list(a.shape)] for n, a in zip(names, examples)],
+        "outputs": outputs, "weights": weights, "build_s": round(build_s, 2),
+    }  # fmt: skip
+    log(f"{key}: built {path.name} in {build_s:.1f} s ({e['bytes'] / 1e6:.1f} MB)")
+    return e
+
+
 def build(model: str, ckpt: Path, gpu: str, out: Path, precision: str | None = None, attn: str | None = None,
           backend: str | None = None, dit_file: str | None = None, profiles: list[str] | None = None,
           autotune: bool | None = None, dit_only: bool = False, log=print) -> dict:  # fmt: skip
@@ -107,56 +152,34 @@ def build(model: str, ckpt: Path, gpu: str, out: Path, precision: str | None = N
         )
     log(f"loaded {cfg.name} DiT from {dit_path} in {time.perf_counter() - t0:.1f} s")
     ckpt_id = identity(dit_path)
+    autotune = g.autotune if autotune is None else autotune
     common = {"model": dataclasses.asdict(cfg), "gpu": dataclasses.asdict(g), "precision": precision, "autotune": autotune,
               "attn": attn, "backend": backend, "versions": versions(backend), "checkpoint": ckpt_id,
               "source": source_hash()}  # fmt: skip
     ext = {"aoti": "pt2", "onnx": "onnx", "tensorrt": "plan"}[backend]
-    autotune = g.autotune if autotune is None else autotune
     inductor = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"} if autotune else {}
-    entries, timings = {}, {}
+    entries = {}
+    # `time` does not depend on the resolution: it is traced at a minimal latent of one patch grid
+    minimal = (1, cfg.vae.z_dim, 1, 2 * cfg.dit.patch_size[1], 2 * cfg.dit.patch_size[2])
     jobs = [("time", None)] + [(e, s) for s in shapes for e in ("pre", "block", "post")]
     for engine, shape in jobs:
-        prof = None if shape is None else f"{shape[0]}x{shape[1]}x{shape[2]}"
-        key = engine if prof is None else f"{engine}@{prof}"
-        latent = (1, cfg.vae.z_dim, (shape[0] - 1) // 4 + 1, shape[1] // 8, shape[2] // 8) if shape else \
-            (1, cfg.vae.z_dim, 1, 2 * cfg.dit.patch_size[1], 2 * cfg.dit.patch_size[2])  # fmt: skip
-        digest = hashlib.sha256(
-            json.dumps({**common, "engine": key}, sort_keys=True, default=str).encode()
-        ).hexdigest()
-        file = f"{engine}{'' if prof is None else '-' + prof}.{ext}"
-        prev = old.get(key)
-        if (
-            prev
-            and prev.get("key") == digest
-            and (out / file).is_file()
-            and sha256_file(out / file) == prev["sha256"]
-        ):
+        key, file, digest = job(engine, shape, ext, common)
+        if prev := reuse(old, key, digest, out / file, log):
             entries[key] = prev
-            log(f"{key}: up to date")
             continue
         t1 = time.perf_counter()
+        latent = minimal if shape is None else latent_shape(cfg, shape)
         names, acts = E.example_inputs(dit, engine, latent, g.device, compute)
         if backend == "aoti":
             E.export_aoti(dit, engine, latent, out / file, g.device, inductor)
         else:
             E.export_onnx(dit, engine, latent, out / Path(file).with_suffix(".onnx"), g.device)
             if backend == "tensorrt":
-                from x2v.export.tensorrt import build_plan
-
-                try:
-                    build_plan(out / Path(file).with_suffix(".onnx"), out / file, g)
-                except ImportError as e:
-                    raise BuildError(str(e)) from None
-        timings[key] = time.perf_counter() - t1
+                compile_onnx(out / Path(file).with_suffix(".onnx"), out / file, g)
         wstate = (dit.blocks[0] if engine == "block" else dit).state_dict()
-        entries[key] = {
-            "file": file, "sha256": sha256_file(out / file), "bytes": (out / file).stat().st_size, "key": digest,
-            "inputs": [[n, dtype_name(a.dtype), list(a.shape)] for n, a in zip(names, acts)],
-            "outputs": E.OUTPUTS[engine],
-            "weights": [[n, dtype_name(wstate[n].dtype)] for n in E.weight_names(dit, engine)],
-            "build_s": round(timings[key], 2),
-        }  # fmt: skip
-        log(f"{key}: built {file} in {timings[key]:.1f} s ({entries[key]['bytes'] / 1e6:.1f} MB)")
+        weights = [[n, dtype_name(wstate[n].dtype)] for n in E.weight_names(dit, engine)]
+        entries[key] = entry(out / file, digest, names, acts, E.OUTPUTS[engine], weights,
+                             time.perf_counter() - t1, log, key)  # fmt: skip
     if backend != "aoti" and not dit_only:  # encoders and VAE as ONNX engines (AOTInductor: torch modules)
         entries.update(build_aux(cfg, ckpt, out, shapes, g, compute, backend, common, old, log))
     manifest = {
@@ -189,45 +212,25 @@ def build_aux(cfg, ckpt, out, shapes, g, compute, backend, common, old, log) -> 
     ext = {"onnx": "onnx", "tensorrt": "plan"}[backend]
     models = {}
     for part, shape in jobs:
-        prof = None if shape is None else f"{shape[0]}x{shape[1]}x{shape[2]}"
-        key = part if prof is None else f"{part}@{prof}"
         wfile = Path(ckpt) / files[part]
         stat = wfile.stat()
-        digest = hashlib.sha256(json.dumps({**common, "engine": key, "weights": [wfile.name, stat.st_size, stat.st_mtime_ns]},
-                                           sort_keys=True, default=str).encode()).hexdigest()  # fmt: skip
-        file = f"{part}{'' if prof is None else '-' + prof}.{ext}"
-        prev = old.get(key)
-        if (
-            prev
-            and prev.get("key") == digest
-            and (out / file).is_file()
-            and sha256_file(out / file) == prev["sha256"]
-        ):
+        key, file, digest = job(
+            part, shape, ext, {**common, "weights": [wfile.name, stat.st_size, stat.st_mtime_ns]}
+        )
+        if prev := reuse(old, key, digest, out / file, log):
             entries[key] = prev
-            log(f"{key}: up to date")
             continue
         t1 = time.perf_counter()
         name = {"text": "t5", "image": "clip", "vae_encode": "vae", "vae_decode": "vae"}[part]
         if name not in models:
             models[name] = load_part(name, ckpt, cfg, dtype=compute, device=g.device)
-        latent = (
-            None
-            if shape is None
-            else (1, cfg.vae.z_dim, (shape[0] - 1) // 4 + 1, shape[1] // 8, shape[2] // 8)
-        )
-        info = E.export_aux_onnx(
-            part, models[name], cfg, latent, out / Path(file).with_suffix(".onnx"), g.device, compute
-        )
+        latent = None if shape is None else latent_shape(cfg, shape)
+        onnx_path = out / Path(file).with_suffix(".onnx")
+        info = E.export_aux_onnx(part, models[name], cfg, latent, onnx_path, g.device, compute)
         if backend == "tensorrt":
-            from x2v.export.tensorrt import build_plan
-
-            build_plan(out / Path(file).with_suffix(".onnx"), out / file, g)
-        entries[key] = {
-            "file": file, "sha256": sha256_file(out / file), "bytes": (out / file).stat().st_size, "key": digest,
-            "inputs": [[n, dtype_name(a.dtype), list(a.shape)] for n, a in zip(info["inputs"], info["example"])],
-            "outputs": info["outputs"], "weights": [], "build_s": round(time.perf_counter() - t1, 2),
-        }  # fmt: skip
-        log(f"{key}: built {file} in {entries[key]['build_s']:.1f} s ({entries[key]['bytes'] / 1e6:.1f} MB)")
+            compile_onnx(onnx_path, out / file, g)
+        entries[key] = entry(out / file, digest, info["inputs"], info["example"], info["outputs"], [],
+                             time.perf_counter() - t1, log, key)  # fmt: skip
     return entries
 
 

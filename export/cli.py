@@ -104,6 +104,7 @@ def quantize(model, ckpt, calib, stem, report, device):
     from x2v.export.load import load_dit
     from x2v.runtime.checkpoint import CheckpointError
     from x2v.runtime.config import ConfigError, load_model_config
+    from x2v.runtime.engines import sha256_file
 
     try:
         import modelopt
@@ -126,7 +127,7 @@ def quantize(model, ckpt, calib, stem, report, device):
         ptq.calibrate(dit, targets, records, cfg.fp8.weight == "channel", progress=lambda i: bar.update())
     state = ptq.fp8_state(dit, targets)
     recipe = {"model": cfg.name, "weights": cfg.fp8.weight, "activations": "static per-tensor",
-              "calibration": {"file": str(calib), "sha256": capture.sha256(calib), "inputs": len(records)},
+              "calibration": {"file": str(calib), "sha256": sha256_file(calib), "inputs": len(records)},
               "modelopt": modelopt.__version__, "keep_first_blocks": cfg.fp8.keep_first_blocks,
               "keep_last_blocks": cfg.fp8.keep_last_blocks}  # fmt: skip
     path = ptq.save_quantized(state, ckpt, stem, recipe)
@@ -188,8 +189,6 @@ def build_cmd(model, ckpt, gpu, out, precision, attn, backend, dit_file, profile
 @click.option("--verify", is_flag=True, help="also hash the checkpoint's weight files in full")
 def inspect(directory, ckpt, verify):
     """Print an engine directory's manifest and check its hashes (and, with --verify, the weights)."""
-    import json
-
     from x2v.runtime.checkpoint import files_of, resolve
     from x2v.runtime.engines import EngineError, check, read_manifest, sha256_file
 
@@ -223,7 +222,6 @@ def inspect(directory, ckpt, verify):
             click.echo(f"  sha256 {sha256_file(f)}  {f.name}")
     if bad:
         sys.exit(1)
-    del json
 
 
 if __name__ == "__main__":

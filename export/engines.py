@@ -49,10 +49,9 @@ class _Call(nn.Module):
 
 def weight_names(dit, engine: str) -> list[str]:
     """Checkpoint keys an engine reads, relative to a block for `block`."""
-    state = dit.state_dict(keep_vars=True)
     if engine == "block":
         return list(dit.blocks[0].state_dict(keep_vars=True))
-    return [k for k in state if k.startswith(PREFIXES[engine])]
+    return [k for k in dit.state_dict(keep_vars=True) if k.startswith(PREFIXES[engine])]
 
 
 def engine_module(dit, engine: str, grid=None) -> nn.Module:

@@ -294,17 +294,17 @@ def load(directory: Path, ckpt: Path | None = None, device=None, verify_engines:
     ckpt = Path(ckpt or m["checkpoint"]["dir"])
     check(m, directory, ckpt, verify_engines)
     device = torch.device(device or ("cpu" if m["gpu"] == "cpu" else "cuda"))
-    dt = {}
-    for e in m["engines"].values():
-        for name, dtype in e["weights"]:
-            dt[name] = DTYPES[dtype]
-    block_dt = {
-        n: d for n, d in m["engines"][next(k for k in m["engines"] if k.startswith("block"))]["weights"]
-    }
-    pick = lambda key: DTYPES[block_dt[key.split(".", 2)[2]]] if key.startswith("blocks.") else dt.get(key)
+    loader = LOADERS.get(m["backend"])
+    if loader is None:
+        raise EngineError(
+            f"{directory}: backend {m['backend']!r} cannot run on this node (this x2v runs: {', '.join(LOADERS)})"
+        )
+    first = lambda prefix: next(e for k, e in m["engines"].items() if k.split("@")[0] == prefix)
+    block_dt = {n: DTYPES[d] for n, d in first("block")["weights"]}
+    dt = {n: DTYPES[d] for k, e in m["engines"].items() if not k.startswith("block") for n, d in e["weights"]}
+    pick = lambda key: block_dt[key.split(".", 2)[2]] if key.startswith("blocks.") else dt.get(key)
     state, _ = read_state_dict(resolve(ckpt, m["checkpoint"]["dit_file"]), pick)
     state = {k: v.to(device) for k, v in state.items()}
-    first = lambda prefix: next(e for k, e in m["engines"].items() if k.split("@")[0] == prefix)
     weights = {
         "time": [state[n] for n, _ in first("time")["weights"]],
         "pre": [state[n] for n, _ in first("pre")["weights"]],
@@ -312,11 +312,6 @@ def load(directory: Path, ckpt: Path | None = None, device=None, verify_engines:
         "blocks": [[state[f"blocks.{i}.{n}"] for n, _ in first("block")["weights"]]
                    for i in range(m["model_config"]["dit"]["num_layers"])],
     }  # fmt: skip
-    loader = LOADERS.get(m["backend"])
-    if loader is None:
-        raise EngineError(
-            f"{directory}: backend {m['backend']!r} cannot run on this node (this x2v runs: {', '.join(LOADERS)})"
-        )
     engines = {key: loader(directory / e["file"], device) for key, e in m["engines"].items()}
     aux = {}
     if "text" in engines:

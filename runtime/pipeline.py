@@ -179,7 +179,7 @@ class Pipeline:
 
         t0 = time.perf_counter()
         dit, m, ckpt, aux = E.load(engines, ckpt, device)
-        cfg, device = load_model_config(m["model"]), dit.device
+        cfg, gpu, device = load_model_config(m["model"]), load_gpu_config(m["gpu"]), dit.device
         dtype = E.DTYPES[m["compute_dtype"]]
         parts = {
             "tokenizer": Tokenizer(Path(ckpt) / cfg.files.tokenizer, cfg.dit.text_len),
@@ -191,7 +191,7 @@ class Pipeline:
             log.info(
                 "%s engines cover the DiT only: %s run as torch modules", m["backend"], ", ".join(torch_parts)
             )
-        offload = load_gpu_config(m["gpu"]).offload_encoders and device.type == "cuda"
+        offload = gpu.offload_encoders and device.type == "cuda"
         for part in torch_parts:
             if offload and part in ("t5", "clip"):  # small GPUs: encoders on the CPU, outputs moved over
                 parts[part] = OnDevice(load_part(part, ckpt, cfg, dtype=torch.float32, device="cpu"), device)
@@ -200,7 +200,6 @@ class Pipeline:
         if device.type == "cuda":
             torch.cuda.synchronize()
         pipe = cls(cfg, parts, str(device), time.perf_counter() - t0, manifest=m)
-        gpu = load_gpu_config(m["gpu"])
         pipe.decode_chunk = gpu.vae_chunk
         if hasattr(pipe.vae, "decode_tiled"):  # a torch VAE: tile as the GPU config says
             pipe.decode_tile = gpu.vae_tile
