@@ -24,13 +24,16 @@ from x2v.plugins.sage_attention import BLOCK_N, quantize_pass, triton_cdiv
 
 VARIANTS = {
     "base": {},
+    "bn64": {"BLOCK_N": 64},
+    "ws": {"WS": True},
+    "bn64_ws": {"BLOCK_N": 64, "WS": True},
     "pipe": {"PIPE": True},
     "lazy_g1": {"TAU": 2.0},
     "lazy_g4": {"TAU": 2.0, "GROUP": 4},
     "pipe_lazy_g1": {"PIPE": True, "TAU": 2.0},
     "pipe_lazy_g4": {"PIPE": True, "TAU": 2.0, "GROUP": 4},
 }
-CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 8, 3)]  # BLOCK_M, num_warps, num_stages
+CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 8, 2), (128, 8, 3)]  # BLOCK_M, num_warps, num_stages
 
 
 def launch(q8, qs, k8, ks, v8, vs, out, bm, warps, stages, opts):
@@ -38,8 +41,8 @@ def launch(q8, qs, k8, ks, v8, vs, out, bm, warps, stages, opts):
     return K.attn_body[(triton_cdiv(lq, bm), b * h)](
         q8, k8, v8, qs, ks, vs, out, lq, k8.shape[2], v8.shape[-1], h, ks.shape[-1],
         q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), D=d, BLOCK_M=bm, BLOCK_N=BLOCK_N,
-        num_warps=warps, num_stages=stages, **opts)  # fmt: skip
+        out.stride(0), out.stride(1), out.stride(2), D=d, BLOCK_M=bm, KS_BLOCK=BLOCK_N,
+        num_warps=warps, num_stages=stages, **{"BLOCK_N": BLOCK_N, **opts})  # fmt: skip
 
 
 def opcode_histogram(sass: str) -> dict:
@@ -56,6 +59,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--shape", default="1,40,32760,128")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
     args = ap.parse_args()
     b, h, n, d = map(int, args.shape.split(","))
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -68,7 +72,8 @@ def main():
     q8, qs, k8, ks, v8, vs = packed
     print(f"sdpa {t_sdpa['median_ms']:.2f} ms, quantize {t_quant['median_ms']:.2f} ms", flush=True)
     rows = []
-    for name, opts in VARIANTS.items():
+    for name in args.variants.split(","):
+        opts = VARIANTS[name]
         for bm, warps, stages in CONFIGS:
             row = {"variant": name, "options": opts, "block_m": bm, "num_warps": warps, "num_stages": stages}
             out = torch.empty_like(q)

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 log = logging.getLogger("x2v.sage")
 
-BLOCK_N = 128  # key block of the attention kernel and granularity of K's scales
+BLOCK_N = 128  # granularity of K's scales (and of V^T's zero padding)
 # The attention loop's options (plugins/sage_kernels.py attn_body; bench/attention_variants.py measures them).
-KERNEL_OPTIONS = {"PIPE": False, "TAU": 0.0, "GROUP": 1}
+KERNEL_OPTIONS = {"BLOCK_N": 128, "PIPE": False, "TAU": 0.0, "GROUP": 1, "WS": False}
 # P's scale before the FP8 cast, relative to the row max (a power of two, folded into exp2 in the kernel):
 # 2^8, less the lazy-rescaling headroom TAU.
 P_SCALE = 2.0 ** (8 - KERNEL_OPTIONS["TAU"])
@@ -159,7 +159,7 @@ def _sage_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     wrap_triton(K.attn_kernel)[grid](
         q8, k8, v8, qs, ks, v_scale, out, lq, lk, v8.shape[-1], h, ks.shape[-1],
         q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), D=d, BLOCK_N=BLOCK_N, **opts)  # fmt: skip
+        out.stride(0), out.stride(1), out.stride(2), D=d, KS_BLOCK=BLOCK_N, **opts)  # fmt: skip
     return out
 
 

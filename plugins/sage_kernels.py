@@ -147,11 +147,13 @@ def _configs():
 @triton.jit
 def attn_body(Q, K, V, QS, KS, VS, Out, Lq, Lk, L_pad, H, n_kblocks,
               s_qb, s_qh, s_ql, s_kb, s_kh, s_kn, s_ob, s_ol, s_oh,
-              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              PIPE: tl.constexpr = False, TAU: tl.constexpr = 0.0, GROUP: tl.constexpr = 1):  # fmt: skip
+              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KS_BLOCK: tl.constexpr,
+              PIPE: tl.constexpr = False, TAU: tl.constexpr = 0.0, GROUP: tl.constexpr = 1,
+              WS: tl.constexpr = False):  # fmt: skip
     """One BLOCK_M tile of queries of head (b, h) against all keys.
 
-    PIPE issues the Q.K^T MMA of the next key block before the softmax of the current one, so the tensor
+    K carries one scale per KS_BLOCK tokens (a multiple of BLOCK_N). WS asks Triton's Hopper pass for warp
+    specialization of the key loop. PIPE issues the Q.K^T MMA of the next key block before the softmax of the current one, so the tensor
     cores and the softmax's ALU/MUFU work can overlap within one warpgroup (FA3's intra-warpgroup overlap).
     """
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -178,22 +180,22 @@ def attn_body(Q, K, V, QS, KS, VS, Out, Lq, Lk, L_pad, H, n_kblocks,
         s_int = tl.dot(q, tl.load(k_ptrs))
         for i in range(1, n_full):
             s_next = tl.dot(q, tl.load(k_ptrs + i * BLOCK_N * s_kn))
-            acc, pv, l_i, m_i = _step(acc, pv, l_i, m_i, s_int, qs * tl.load(ks_ptr + i - 1),
+            acc, pv, l_i, m_i = _step(acc, pv, l_i, m_i, s_int, qs * tl.load(ks_ptr + (i - 1) * BLOCK_N // KS_BLOCK),
                                       tl.load(v_ptrs + (i - 1) * BLOCK_N), offs_n, False, TAU, GROUP)  # fmt: skip
             acc, pv = _flush(acc, pv, i - 1, GROUP)
             s_int = s_next
-        acc, pv, l_i, m_i = _step(acc, pv, l_i, m_i, s_int, qs * tl.load(ks_ptr + n_full - 1),
+        acc, pv, l_i, m_i = _step(acc, pv, l_i, m_i, s_int, qs * tl.load(ks_ptr + (n_full - 1) * BLOCK_N // KS_BLOCK),
                                   tl.load(v_ptrs + (n_full - 1) * BLOCK_N), offs_n, False, TAU, GROUP)  # fmt: skip
     else:
-        for i in range(0, n_full):
+        for i in tl.range(0, n_full, warp_specialize=WS):
             s_int = tl.dot(q, tl.load(k_ptrs + i * BLOCK_N * s_kn))
-            acc, pv, l_i, m_i = _step(acc, pv, l_i, m_i, s_int, qs * tl.load(ks_ptr + i),
+            acc, pv, l_i, m_i = _step(acc, pv, l_i, m_i, s_int, qs * tl.load(ks_ptr + i * BLOCK_N // KS_BLOCK),
                                       tl.load(v_ptrs + i * BLOCK_N), offs_n, False, TAU, GROUP)  # fmt: skip
             acc, pv = _flush(acc, pv, i, GROUP)
     if n_full * BLOCK_N < Lk:  # the last, partial key block (V^T is zero-padded to L_pad)
         valid = (n_full * BLOCK_N + offs_n) < Lk
         s_int = tl.dot(q, tl.load(k_ptrs + n_full * BLOCK_N * s_kn, mask=valid[None, :], other=0))
-        acc, pv, l_i, m_i = _step(acc, pv, l_i, m_i, s_int, qs * tl.load(ks_ptr + n_full),
+        acc, pv, l_i, m_i = _step(acc, pv, l_i, m_i, s_int, qs * tl.load(ks_ptr + n_full * BLOCK_N // KS_BLOCK),
                                   tl.load(v_ptrs + n_full * BLOCK_N), valid, True, TAU, GROUP)  # fmt: skip
     if GROUP > 1:
         acc = acc + pv
