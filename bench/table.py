@@ -20,7 +20,9 @@ a one-step breakdown (pre, blocks, post) and, against the baseline row's saved o
 the final latents and the PSNR of the decoded video. `--steps N` runs fewer sampling steps than the model's
 (to fit a device budget); the row then also reports the end-to-end time projected to the full schedule:
 the measured run plus the missing steps at the median time of steps 2..n (step 1 carries warm-up such as
-Triton autotuning, which a full run pays once too), and the rendered table marks it.
+Triton autotuning, which a full run pays once too), computed and skipped steps each at their own median
+(`projected_s`). The TeaCache row with random weights is not projected: how many steps a longer schedule
+skips depends on the trajectory.
 """
 
 from __future__ import annotations
@@ -108,6 +110,15 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
+def request_profile(cfg) -> str:
+    """The engine profile the rows need: the model's frames at its pixel area, in the example image's aspect."""
+    from x2v.runtime.pipeline import load_image, output_size
+
+    s = cfg.sample
+    h, w = output_size(cfg, load_image(IMAGE) if cfg.dit.i2v else None, s.height, s.width)
+    return f"{s.frames}x{h}x{w}"
+
+
 def run_row(args) -> dict:
     from safetensors.torch import load_file, save_file
 
@@ -152,16 +163,14 @@ def run_row(args) -> dict:
         write_mp4(result.frames, mp4, fps=s.fps)
     e2e = time.perf_counter() - t0
     row = {"row": args.row, "model": cfg.name, "steps": result.steps_total, "steps_computed": result.steps_computed,
-           "full_steps": full, "teacache": result.teacache, "load_s": pipe.load_s, "e2e_s": e2e,
+           "full_steps": full, "teacache": result.teacache, "load_s": pipe.load_s, "load_phases": pipe.load_phases, "e2e_s": e2e,
            **{k: v for k, v in result.timings.items() if k != "load_s"}}  # fmt: skip
     if device == "cuda":
         row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
         row["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
-    steps_s = [float(d) for d in np.diff(marks)]
-    row["step_s"] = steps_s  # steps 2..n (the first has no start mark inside the loop)
-    if row["steps"] < full:  # fewer steps than the schedule: add the missing ones at the steady per-step time
-        per_step = float(np.median(steps_s)) if steps_s else row["denoise_s"] / max(row["steps"], 1)
-        row["e2e_projected_s"] = e2e + per_step * (full - row["steps"]) * row["steps_computed"] / row["steps"]
+    row["step_s"] = [float(d) for d in np.diff(marks)]  # steps 2..n (the first has no start mark in the loop)
+    if projected_s(row) is not None:
+        row["e2e_projected_s"] = projected_s(row)
     with torch.no_grad(), autocast:
         image = load_image(IMAGE) if cfg.dit.i2v else None
         cond, _, shape = pipe.encode(image, PROMPT, "", s.frames, s.height, s.width)
@@ -190,11 +199,26 @@ def run_row(args) -> dict:
     return row
 
 
+def projected_s(r: dict) -> float | None:
+    """End-to-end seconds of the full schedule for a row that ran fewer steps, else None.
+
+    The measured run plus the missing computed steps at the median computed-step time and the missing skipped
+    steps at the median skipped-step time (a skipped step does no block work, so the two are told apart by
+    duration: over a third of the slowest step counts as computed)."""
+    full, run, c_run = r["full_steps"], r["steps"], r["steps_computed"]
+    times = r.get("step_s") or []
+    if run >= full or not times or r["row"] == "fp8-teacache":
+        return None
+    cut = max(times) / 3
+    t_c = float(np.median([t for t in times if t > cut]))
+    t_s = float(np.median([t for t in times if t <= cut])) if min(times) <= cut else 0.0
+    c_full = round(22 * full / 40) if r["row"] == "fp8-teacache-published" else full
+    return r["e2e_s"] + t_c * (c_full - c_run) + t_s * ((full - c_full) - (run - c_run))
+
+
 def comparable_s(r: dict) -> float | None:
-    """End-to-end seconds of the full schedule: measured, or projected from steady steps; None if neither."""
-    if "e2e_projected_s" not in r:
-        return r["e2e_s"]
-    return r["e2e_projected_s"] if "step_s" in r else None
+    """End-to-end seconds of the full schedule: measured, or projected; None if neither."""
+    return r["e2e_s"] if r["steps"] >= r["full_steps"] else projected_s(r)
 
 
 def speedup(r: dict, base: dict | None) -> str:
@@ -220,26 +244,25 @@ def render(args) -> Path:
         "pre / blocks / post ms (one step) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    nan = float("nan")
+    fmt = lambda v, spec: "-" if v is None or v != v else format(v, spec)  # noqa: E731 (None, NaN -> "-")
     for name in [r for r in ROWS if r in rows]:
         r = rows[name]
         b = r["step_breakdown"]
-        projected = f"{r['e2e_projected_s']:.1f}" if "e2e_projected_s" in r else "-"
-        if "e2e_projected_s" in r and "step_s" not in r:  # rows from before e036461: warm-up included
-            projected += "*"
         lines.append(
             f"| {name} | {r['steps_computed']}/{r['steps']} of {r['full_steps']} | {r['load_s']:.1f} | "
-            f"{r['e2e_s']:.1f} | {projected} | {r.get('peak_gb', nan):.1f} | "
-            f"{speedup(r, base)} | {r.get('latents_rel_l2_vs_baseline', nan):.3f} | "
-            f"{r.get('video_psnr_vs_baseline_db', nan):.1f} | "
+            f"{r['e2e_s']:.1f} | {fmt(projected_s(r), '.1f')} | {fmt(r.get('peak_gb'), '.1f')} | "
+            f"{speedup(r, base)} | {fmt(r.get('latents_rel_l2_vs_baseline'), '.3f')} | "
+            f"{fmt(r.get('video_psnr_vs_baseline_db'), '.1f')} | "
             f"{b['pre_ms']:.0f} / {b['blocks_ms']:.0f} / {b['post_ms']:.0f} |"
         )
     env = next(iter(rows.values()))["env"]
     commits = ", ".join(sorted({r["env"]["git_commit"][:7] for r in rows.values()}))
     lines += ["", f"Card {env['card']}, driver {env.get('driver', '-')}, torch {env['torch']}, commits {commits}.",
-              "Speedup: baseline end-to-end / row end-to-end (projected to the full schedule where fewer steps ran).",
-              "* projected as (denoise time / steps run) x steps: the first step's warm-up (Triton autotuning of the "
-              "SageAttention kernel) is spread over the few steps run, so these overstate the full run; no speedup is given for them."]  # fmt: skip
+              "Speedup: baseline end-to-end / row end-to-end, both over the full schedule (projected where fewer steps "
+              "ran: the measured run plus the missing steps at the median of steps 2..n, computed and skipped steps apart).",
+              "fp8-teacache: TeaCache 0.2 on random weights; how many steps a full schedule computes depends on the "
+              "trajectory, so it is neither projected nor compared. distill: the 4-step model, no guidance (its own "
+              "full schedule), so it has no fidelity against the 40-step baseline."]  # fmt: skip
     md = root / f"table-{card}.md"
     md.write_text("\n".join(lines) + "\n")
     (root / f"table-{card}.json").write_text(json.dumps(rows, indent=1))
@@ -251,6 +274,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--row", choices=ROWS)
     ap.add_argument("--render", action="store_true")
+    ap.add_argument(
+        "--print-profile", action="store_true", help="the FRAMESxHEIGHTxWIDTH the rows ask the engines for"
+    )
     ap.add_argument("--model", default="i2v-14b-480p")
     ap.add_argument("--distill-model", default="i2v-14b-480p-distill")
     ap.add_argument("--ckpt", default="/tmp/x2v-ckpt")
@@ -265,7 +291,9 @@ def main():
     ap.add_argument("--card", default=None)
     ap.add_argument("--out", default=None, help="results root (default bench/results)")
     args = ap.parse_args()
-    if args.render:
+    if args.print_profile:
+        print(request_profile(load_model_config(args.model)))
+    elif args.render:
         render(args)
     elif args.row:
         run_row(args)

@@ -23,7 +23,7 @@ case "${1:?part 1-4}" in
   3) export2 calibrate --model i2v-14b-480p --ckpt "$CKPT" --steps 4 --steps-per-run 2 --device cuda
      export2 quantize --model i2v-14b-480p --ckpt "$CKPT" --device cuda
      export2 build --model i2v-14b-480p --ckpt "$CKPT" --gpu "$(python3 -c 'import torch; print("h200" if "H200" in torch.cuda.get_device_name() else "h100")')" \
-       --dit dit-fp8 --out "$ENG" --no-autotune ;;   # as measured; max-autotune builds take longer
+       --dit dit-fp8 --out "$ENG" --no-autotune --profile "$(python3 -m bench.table --print-profile)" ;;  # as measured
   4) row fp8; row fp8-teacache; row fp8-teacache-published; row distill
      python3 -m bench.table --render --out "$OUT" ;;
 esac

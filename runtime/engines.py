@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -107,6 +108,18 @@ def check(manifest: dict, directory: Path, ckpt: Path, verify_engines: bool = Tr
                 raise EngineError(
                     f"{directory}: engine file {e['file']} does not match its manifest hash: {hint}"
                 )
+
+
+def _laps(phases: dict):
+    """lap(name) stores the seconds since the previous lap (or since this call) under phases[name]."""
+    last = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = now - last[0]
+        last[0] = now
+
+    return lap
 
 
 def probe_aoti(path: Path) -> None:
@@ -286,13 +299,17 @@ class EngineDiT:
         return out
 
 
-def load(directory: Path, ckpt: Path | None = None, device=None, verify_engines: bool = True):
+def load(directory: Path, ckpt: Path | None = None, device=None, verify_engines: bool = True,
+         phases: dict | None = None):  # fmt: skip
     """-> (EngineDiT, manifest, checkpoint directory, {"t5"/"clip"/"vae": engine wrappers, where built}).
-    Checks everything before reading any weight."""
+    Checks everything before reading any weight. `phases`, if given, receives the seconds of each phase."""
+    phases = {} if phases is None else phases
+    lap = _laps(phases)
     directory = Path(directory)
     m = read_manifest(directory)
     ckpt = Path(ckpt or m["checkpoint"]["dir"])
     check(m, directory, ckpt, verify_engines)
+    lap("check_s")
     device = torch.device(device or ("cpu" if m["gpu"] == "cpu" else "cuda"))
     loader = LOADERS.get(m["backend"])
     if loader is None:
@@ -304,7 +321,11 @@ def load(directory: Path, ckpt: Path | None = None, device=None, verify_engines:
     dt = {n: DTYPES[d] for k, e in m["engines"].items() if not k.startswith("block") for n, d in e["weights"]}
     pick = lambda key: block_dt[key.split(".", 2)[2]] if key.startswith("blocks.") else dt.get(key)
     state, _ = read_state_dict(resolve(ckpt, m["checkpoint"]["dit_file"]), pick)
+    lap("dit_weights_read_s")
     state = {k: v.to(device) for k, v in state.items()}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    lap("dit_weights_to_device_s")
     weights = {
         "time": [state[n] for n, _ in first("time")["weights"]],
         "pre": [state[n] for n, _ in first("pre")["weights"]],
@@ -313,6 +334,7 @@ def load(directory: Path, ckpt: Path | None = None, device=None, verify_engines:
                    for i in range(m["model_config"]["dit"]["num_layers"])],
     }  # fmt: skip
     engines = {key: loader(directory / e["file"], device) for key, e in m["engines"].items()}
+    lap("engines_s")
     aux = {}
     if "text" in engines:
         aux["t5"] = TextEngine(m, engines, device)

@@ -142,6 +142,7 @@ class Pipeline:
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.decode_tile = None  # default spatial VAE tile (engine directories: their GPU config's)
         self.decode_chunk = 1  # latent frames per VAE decode pass
+        self.load_phases = {}  # seconds per load phase, where the loader records them
 
     @classmethod
     def load(cls, ckpt: Path, model: str | ModelConfig = "tiny", device: str = "cpu", dtype=None, attn: str = "sdpa",
@@ -178,7 +179,9 @@ class Pipeline:
         from x2v.runtime.tokenizer import Tokenizer
 
         t0 = time.perf_counter()
-        dit, m, ckpt, aux = E.load(engines, ckpt, device)
+        phases = {}
+        dit, m, ckpt, aux = E.load(engines, ckpt, device, phases=phases)
+        t1 = time.perf_counter()
         cfg, gpu, device = load_model_config(m["model"]), load_gpu_config(m["gpu"]), dit.device
         dtype = E.DTYPES[m["compute_dtype"]]
         parts = {
@@ -199,7 +202,10 @@ class Pipeline:
                 parts[part] = load_part(part, ckpt, cfg, dtype=dtype, device=device)
         if device.type == "cuda":
             torch.cuda.synchronize()
+        phases["encoders_vae_s"] = time.perf_counter() - t1
         pipe = cls(cfg, parts, str(device), time.perf_counter() - t0, manifest=m)
+        pipe.load_phases = phases
+        log.info("loaded in %.1f s (%s)", pipe.load_s, ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
         pipe.decode_chunk = gpu.vae_chunk
         if hasattr(pipe.vae, "decode_tiled"):  # a torch VAE: tile as the GPU config says
             pipe.decode_tile = gpu.vae_tile

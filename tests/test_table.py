@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from x2v.export.build import build
@@ -35,6 +36,11 @@ def test_table_rows_and_render(tiny_ckpt, tiny_cfg, tmp_path):
     ptq.save_quantized(ptq.fp8_state(model, targets), tiny_ckpt, "dit-fp8-table", {})
     engines = tmp_path / "engines"
     build("tiny", tiny_ckpt, "cpu", engines, dit_file="dit-fp8-table", dit_only=True, log=lambda s: None)
+    # the sitting script builds the profile the rows ask for
+    assert (
+        table("--print-profile", "--model", "tiny").strip()
+        in json.loads((engines / "manifest.json").read_text())["profiles"]
+    )
 
     common = ["--model", "tiny", "--distill-model", "tiny-distill", "--ckpt", str(tiny_ckpt),
               "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results")]  # fmt: skip
@@ -42,7 +48,8 @@ def test_table_rows_and_render(tiny_ckpt, tiny_cfg, tmp_path):
         table("--row", row, *common, "--engines", str(engines), "--steps", "4")
     rows = tmp_path / "results" / "table" / "cpu"
     fp8 = json.loads((rows / "fp8.json").read_text())
-    assert fp8["steps"] == 4 and fp8["full_steps"] == 8 and fp8["e2e_projected_s"] > 0
+    assert fp8["steps"] == 4 and fp8["full_steps"] == 8 and fp8["e2e_projected_s"] > fp8["e2e_s"]
+    assert {"check_s", "dit_weights_read_s", "engines_s", "encoders_vae_s"} <= set(fp8["load_phases"])
     assert 0 < fp8["latents_rel_l2_vs_baseline"] < 0.5 and fp8["video_psnr_vs_baseline_db"] > 10
     sage = json.loads((rows / "sage-bf16.json").read_text())  # on the CPU SageAttention falls back to SDPA
     assert sage["latents_rel_l2_vs_baseline"] < 1e-5
@@ -51,3 +58,14 @@ def test_table_rows_and_render(tiny_ckpt, tiny_cfg, tmp_path):
     assert distill["steps"] == distill["full_steps"] == 4 and "e2e_projected_s" not in distill
     md = table("--render", "--out", str(tmp_path / "results"))
     assert "| fp8 | 4/4 of 8 |" in md and (tmp_path / "results" / "table-cpu.md").is_file()
+
+
+def test_projection_adds_missing_computed_and_skipped_steps_apart():
+    from bench.table import projected_s
+
+    # 10 of 40 steps run, 6 computed (4 s each), 4 skipped (0.1 s); the published plan computes 22 of 40
+    r = {"row": "fp8-teacache-published", "full_steps": 40, "steps": 10, "steps_computed": 6, "e2e_s": 40.0,
+         "step_s": [4.0, 0.1, 4.0, 0.1, 4.0, 0.1, 4.0, 0.1, 4.0]}  # fmt: skip
+    assert projected_s(r) == pytest.approx(40.0 + 16 * 4.0 + 14 * 0.1)
+    assert projected_s({**r, "row": "fp8-teacache"}) is None  # random-weight TeaCache: no honest projection
+    assert projected_s({**r, "steps": 40}) is None  # the full schedule ran: nothing to project
