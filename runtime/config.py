@@ -256,7 +256,7 @@ class GPUConfig:
     autotune: bool = False
     vae_chunk: int = 1
     vae_tile: int | None = None  # spatial VAE decode tile in latents (None: whole frames)
-    offload_encoders: bool = False
+    encoders: str = "resident"  # umT5/CLIP weights: resident on the GPU, stream (host, a block at a time), host (run on CPU)
 
     @property
     def device(self) -> str:
@@ -281,6 +281,8 @@ def load_gpu_config(name: str) -> GPUConfig:
     cfg = _build(GPUConfig, {"name": name, **(yaml.safe_load(path.read_text()) or {})}, str(path))
     if cfg.backend not in ("aoti", "tensorrt", "onnx"):
         raise ConfigError(f"{path}: backend must be aoti, tensorrt or onnx, found {cfg.backend!r}")
+    if cfg.encoders not in ("resident", "stream", "host"):
+        raise ConfigError(f"{path}: encoders must be resident, stream or host, found {cfg.encoders!r}")
     return cfg
 
 

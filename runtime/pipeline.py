@@ -23,6 +23,7 @@ from x2v.runtime.config import (
     load_teacache_coefficients,
 )
 from x2v.runtime.denoise import Conditioning, denoise
+from x2v.runtime.offload import OnDevice, stream, stream_units
 from x2v.runtime.sampler import euler_schedule, make_sampler, unipc_schedule
 from x2v.runtime.teacache import plan as teacache_plan
 
@@ -118,19 +119,6 @@ def output_size(cfg: ModelConfig, image: torch.Tensor | None, height: int, width
     return i2v_size(image.shape[1:], height * width) if cfg.dit.i2v else (height, width)
 
 
-class OnDevice:
-    """A module that lives on another device (an offloaded encoder): inputs go there, outputs come back."""
-
-    def __init__(self, module, device):
-        self.module, self.device = module, torch.device(device)
-        self.home = next(module.parameters()).device
-
-    def __call__(self, *args):
-        dtype = next(self.module.parameters()).dtype
-        args = [a.to(self.home, dtype if a.is_floating_point() else a.dtype) for a in args]
-        return self.module(*args).to(self.device)
-
-
 class Pipeline:
     def __init__(
         self, cfg: ModelConfig, parts: dict, device: str, load_s: float = 0.0, manifest: dict | None = None
@@ -194,12 +182,15 @@ class Pipeline:
             log.info(
                 "%s engines cover the DiT only: %s run as torch modules", m["backend"], ", ".join(torch_parts)
             )
-        offload = gpu.offload_encoders and device.type == "cuda"
+        where = gpu.encoders if device.type == "cuda" else "resident"
         for part in torch_parts:
-            if offload and part in ("t5", "clip"):  # small GPUs: encoders on the CPU, outputs moved over
-                parts[part] = OnDevice(load_part(part, ckpt, cfg, dtype=torch.float32, device="cpu"), device)
-            else:
+            if part == "vae" or where == "resident":
                 parts[part] = load_part(part, ckpt, cfg, dtype=dtype, device=device)
+            elif where == "stream":
+                module = load_part(part, ckpt, cfg, dtype=dtype, device="cpu")
+                parts[part] = stream(module, stream_units(part, module), device)
+            else:  # host: run on the CPU in fp32, outputs moved over
+                parts[part] = OnDevice(load_part(part, ckpt, cfg, dtype=torch.float32, device="cpu"), device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         phases["encoders_vae_s"] = time.perf_counter() - t1

@@ -187,12 +187,46 @@ def test_cli_bad_input_is_one_line(tmp_path, args, message):
     assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
-def test_offloaded_encoder_moves_inputs_and_outputs(tiny_ckpt, tiny_cfg):
-    """`offload_encoders` GPUs run umT5/CLIP where their weights are (CPU) and hand results to the DiT's device."""
+def test_host_encoder_moves_inputs_and_outputs(tiny_ckpt, tiny_cfg):
+    """`encoders: host` GPUs run umT5/CLIP where their weights are (CPU) and hand results to the DiT's device."""
     from x2v.export.load import load_part
-    from x2v.runtime.pipeline import OnDevice
+    from x2v.runtime.offload import OnDevice
 
     t5 = load_part("t5", tiny_ckpt, tiny_cfg)
     ids, mask = torch.randint(0, 500, (2, 64)), torch.ones(2, 64, dtype=torch.long)
     out = OnDevice(t5, "cpu")(ids, mask)
     assert out.device.type == "cpu" and torch.equal(out, t5(ids, mask))
+
+
+def test_streamed_encoder_holds_one_block_at_a_time(tiny_ckpt, tiny_cfg):
+    """`encoders: stream`: weights stay on the host and visit the device one block at a time (the next one is
+    copied meanwhile, not yet attached). The meta device stands in for the GPU: where each tensor lives shows."""
+    from x2v.export.load import load_part
+    from x2v.runtime.offload import stream, stream_units
+
+    t5 = stream(m := load_part("t5", tiny_ckpt, tiny_cfg), stream_units("t5", m), "meta")
+    on_device = lambda unit: {p.device.type for p in unit.parameters()} == {"meta"}  # noqa: E731
+    seen = []
+    for i, block in enumerate(t5.blocks):  # hooks added after stream()'s run once the block is attached
+        block.register_forward_pre_hook(lambda mod, args, i=i: seen.append([on_device(b) for b in t5.blocks]))
+    assert not any(on_device(b) for b in t5.blocks) and on_device(t5.norm)  # the small rest is resident
+    ids, mask = torch.randint(0, 500, (2, 64)), torch.ones(2, 64, dtype=torch.long)
+    out = t5(ids.to("meta"), mask.to("meta"))
+    n = len(t5.blocks)
+    assert out.shape == (2, 64, tiny_cfg.t5.dim)
+    assert seen == [[j == i for j in range(n)] for i in range(n)]  # only the running block is on the device
+    assert not any(on_device(b) for b in t5.blocks) and not on_device(t5.token_embedding)  # all released
+
+
+def test_streamed_encoders_compute_what_resident_ones_do(tiny_ckpt, tiny_cfg):
+    from x2v.export.load import load_part
+    from x2v.runtime.offload import stream, stream_units
+
+    ids, mask = torch.randint(0, 500, (2, 64)), torch.ones(2, 64, dtype=torch.long)
+    image = torch.rand(1, 3, tiny_cfg.clip.image_size, tiny_cfg.clip.image_size)
+    for part, args in (("t5", (ids, mask)), ("clip", (image,))):
+        plain = load_part(part, tiny_ckpt, tiny_cfg)
+        streamed = load_part(part, tiny_ckpt, tiny_cfg)
+        streamed = stream(streamed, stream_units(part, streamed), "cpu")
+        assert torch.equal(streamed(*args), plain(*args)), part
+        assert torch.equal(streamed(*args), plain(*args)), part  # and again: units are fetched per call

@@ -1,0 +1,117 @@
+"""Encoders that do not keep their weights on the GPU (GPU configs' `encoders`: resident, stream or host).
+
+umT5-XXL is 11.4 GB in bf16 and runs once per request for a few milliseconds of compute; kept resident it
+is a third of the FP8 pipeline's peak memory. `stream` keeps its weights in pinned host memory and copies
+each block to the GPU just before it runs, the next one on a side stream while the current one computes, so
+the GPU holds two blocks at a time (about 1 GB for umT5) and a request pays the copy (about 0.5 s at PCIe 5
+rates). `host` runs the encoder on the CPU in fp32, for GPUs where even that does not fit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class OnDevice:
+    """A module that lives on another device (an encoder run on the CPU): inputs go there, outputs come back."""
+
+    def __init__(self, module, device):
+        self.module, self.device = module, torch.device(device)
+        self.home = next(module.parameters()).device
+
+    def __call__(self, *args):
+        dtype = next(self.module.parameters()).dtype
+        args = [a.to(self.home, dtype if a.is_floating_point() else a.dtype) for a in args]
+        return self.module(*args).to(self.device)
+
+
+def stream_units(part: str, module: nn.Module) -> list[nn.Module]:
+    """The submodules of an encoder that are streamed one at a time, in the order they run."""
+    if part == "t5":
+        return [module.token_embedding, *module.blocks]
+    if part == "clip":
+        return list(module.visual.transformer)
+    raise ValueError(f"no streaming plan for {part!r} (known: t5, clip)")
+
+
+def _tensors(module: nn.Module, recurse: bool = True):
+    """(owner module, name, tensor, is parameter) of every parameter and buffer."""
+    for m in module.modules() if recurse else [module]:
+        yield from ((m, n, t, True) for n, t in m._parameters.items() if t is not None)
+        yield from ((m, n, t, False) for n, t in m._buffers.items() if t is not None)
+
+
+def _put(m: nn.Module, name: str, t: torch.Tensor, is_param: bool) -> None:
+    # Replaced, not assigned through .data, which refuses a tensor of another device type.
+    if is_param:
+        m._parameters[name] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+    else:
+        m._buffers[name] = t
+
+
+class _Unit:
+    def __init__(self, module: nn.Module, device: torch.device):
+        self.device = device
+        pin = device.type == "cuda"
+        self.slots = [(m, n, p) for m, n, _, p in _tensors(module)]
+        self.host = [t.data.pin_memory() if pin else t.data for _, _, t, _ in _tensors(module)]
+        for (m, n, p), h in zip(self.slots, self.host, strict=True):
+            _put(m, n, nn.Parameter(h, requires_grad=False) if p else h, p)
+        self.resting = [getattr(m, n) for m, n, _ in self.slots]
+        self.copies, self.ready = None, None
+
+    def fetch(self, side: torch.cuda.Stream | None) -> None:
+        if side is None:
+            self.copies = [h.to(self.device) for h in self.host]
+            return
+        with torch.cuda.stream(side):
+            self.copies = [h.to(self.device, non_blocking=True) for h in self.host]
+            self.ready = torch.cuda.Event()
+            self.ready.record(side)
+
+    def attach(self) -> None:
+        if self.ready is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(self.ready)
+            for c in self.copies:
+                c.record_stream(main)  # allocated on the side stream, used (and freed) on the main one
+        for (m, n, p), c in zip(self.slots, self.copies, strict=True):
+            _put(m, n, c, p)
+
+    def release(self) -> None:
+        for (m, n, p), r in zip(self.slots, self.resting, strict=True):
+            _put(m, n, r, p)
+        self.copies, self.ready = None, None
+
+
+def stream(module: nn.Module, units: list[nn.Module], device) -> nn.Module:
+    """Move `module` to `device` except `units`, whose weights stay in (pinned) host memory and visit the
+    device one unit at a time, the next prefetched while one runs. Returns `module`, hooked."""
+    device = torch.device(device)
+    streamed = {id(t) for u in units for *_, t, _ in _tensors(u)}
+    for m, name, t, is_param in list(
+        _tensors(module)
+    ):  # the rest (norms, embeddings, heads) is small: resident
+        if id(t) not in streamed:
+            _put(m, name, t.data.to(device), is_param)
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    plan = [_Unit(u, device) for u in units]
+
+    def before(i):
+        def hook(_module, _args):
+            if plan[i].copies is None:
+                plan[i].fetch(side)
+            plan[i].attach()
+            if i + 1 < len(plan) and plan[i + 1].copies is None:
+                plan[i + 1].fetch(side)
+
+        return hook
+
+    def after(i):
+        return lambda _module, _args, _out: plan[i].release()
+
+    for i, u in enumerate(units):
+        u.register_forward_pre_hook(before(i))
+        u.register_forward_hook(after(i))
+    return module
