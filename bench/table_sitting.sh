@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# The speed table in one sitting on one GPU host: bash bench/table_sitting.sh PART  (PART = 1, 2, 3 or 4)
+# The speed table in one sitting on one GPU host: bash bench/table_sitting.sh PART  (PART = 1 to 5)
 # Each part fits one 10-minute device call; run them back to back (files under /tmp live while the host is
-# warm). STEPS=40 for the full schedule (about 27 min in all on an H200), fewer to fit a budget: rows then
-# project the rest from their steady per-step time. Needs the wheels in .whl (nvidia-modelopt and its
-# dependencies, av) and LD_PRELOAD for AOTInductor on the torch 2.11+cu130 image.
+# warm). Measured on an H200 with STEPS=10: parts 1-3 took 3.2, 3.5 and 7.0 min, parts 4+5 6.1 min together;
+# STEPS=40 (the full schedule) needs about 30 min in all. With fewer steps rows project the full run from
+# their steady step times. Rows write under $OUT/table/<card>/; render where all of them are gathered.
+# Wheels: every .whl*/*.whl is installed: .whl/ (nvidia-modelopt and its dependencies, part 3) and .whl-av/
+# (PyAV, for the MP4s of parts 1, 2, 4, 5); together they exceed one call's 64 MiB, so carry each where needed.
+# LD_PRELOAD is set for AOTInductor on the torch 2.11+cu130 image.
 set -euo pipefail
 STEPS=${STEPS:-40}
 CKPT=${CKPT:-/tmp/x2v-ckpt}
 OUT=${OUT:-bench/results}
 ENG=$CKPT/engines
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null || true
-fi
+wheels=$(ls .whl*/*.whl 2>/dev/null || true)
+[ -z "$wheels" ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $wheels 2>/dev/null || true
 mkdir -p /tmp/x2vpkg/x2v && for p in export runtime plugins calibration configs; do ln -sfn "$PWD/$p" /tmp/x2vpkg/x2v/$p; done
 export PYTHONPATH=/tmp/x2vpkg:$PWD:/tmp/site PYTHONUNBUFFERED=1 LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6
 export2() { python3 -c "from x2v.export.cli import main; main()" "$@"; }
 row() { python3 -m bench.table --row "$1" --ckpt "$CKPT" --steps "$STEPS" --out "$OUT" --engines "$ENG" --work /tmp/x2v-table; }
-case "${1:?part 1-4}" in
+case "${1:?part 1-5}" in
   1) [ -f "$CKPT/Wan2.1_VAE.pth" ] || export2 make-checkpoint --model i2v-14b-480p --out "$CKPT" --device cuda
      row baseline ;;                                                   # ~60 s + 40 steps x ~7 s
   2) row sage-mixed; row sage-bf16 ;;
@@ -24,6 +26,6 @@ case "${1:?part 1-4}" in
      export2 quantize --model i2v-14b-480p --ckpt "$CKPT" --device cuda
      export2 build --model i2v-14b-480p --ckpt "$CKPT" --gpu "$(python3 -c 'import torch; print("h200" if "H200" in torch.cuda.get_device_name() else "h100")')" \
        --dit dit-fp8 --out "$ENG" --no-autotune --profile "$(python3 -m bench.table --print-profile)" ;;  # as measured
-  4) row fp8; row fp8-teacache; row fp8-teacache-published; row distill
-     python3 -m bench.table --render --out "$OUT" ;;
+  4) row fp8; row fp8-teacache ;;
+  5) row fp8-teacache-published; row distill ;;
 esac
