@@ -19,12 +19,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger("x2v.sage")
 
-BLOCK_N = 128  # granularity of K's scales (and of V^T's zero padding)
-# The attention loop's options (plugins/sage_kernels.py attn_body; bench/attention_variants.py measures them).
-KERNEL_OPTIONS = {"BLOCK_N": 128, "PIPE": False, "TAU": 0.0, "GROUP": 1, "WS": False}
-# P's scale before the FP8 cast, relative to the row max (a power of two, folded into exp2 in the kernel):
-# 2^8, less the lazy-rescaling headroom TAU.
-P_SCALE = 2.0 ** (8 - KERNEL_OPTIONS["TAU"])
+BLOCK_N = 128  # key block of the attention kernel and granularity of K's scales
+P_SCALE = 256.0  # P's scale before the FP8 cast (a power of two, folded into exp2 in the kernel)
 V_FP8_MAX = 448.0
 SUPPORTED_HEAD_DIMS = (64, 128)
 _warned: set[str] = set()
@@ -153,13 +149,10 @@ def _sage_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     def grid(meta):
         return (triton_cdiv(lq, meta["BLOCK_M"]), b * h)
 
-    opts = dict(
-        KERNEL_OPTIONS, PIPE=KERNEL_OPTIONS["PIPE"] and lk >= BLOCK_N
-    )  # the pipelined loop needs a full block
     wrap_triton(K.attn_kernel)[grid](
         q8, k8, v8, qs, ks, v_scale, out, lq, lk, v8.shape[-1], h, ks.shape[-1],
         q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), D=d, KS_BLOCK=BLOCK_N, **opts)  # fmt: skip
+        out.stride(0), out.stride(1), out.stride(2), D=d, BLOCK_N=BLOCK_N)  # fmt: skip
     return out
 
 

@@ -1,0 +1,85 @@
+"""x2v's SageAttention attention kernel at each tile config, at 1x40x32760x128, side by side with SDPA bf16.
+
+    python bench/attention_tiles.py [--out DIR]     (writes attention_tiles-<card>.json)
+
+Every tile config (BLOCK_M, warps, pipeline stages) runs fixed rather than autotuned, with the compiler's
+register, spill and shared-memory counts and the accuracy against fp32 attention of the same inputs (4
+heads); the quantization pass is timed once on its own. The loop variants of bench/NOTES.md (pipelined
+Q.K^T, lazy rescaling, grouped accumulation, BLOCK_N 64, warp specialization) were measured by this script's
+predecessor, bench/attention_variants.py at commits e3fa3c2 and 52206eb (results/attention_variants_loop-h200.json,
+results/attention_variants-h200.json), and removed from the kernel when none was faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench.attention import make_inputs, reference, sdpa
+from bench.common import rel_err, time_cuda, write_result
+from x2v.plugins import sage_kernels as K
+from x2v.plugins.sage_attention import BLOCK_N, quantize_pass, triton_cdiv
+
+CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 8, 2), (128, 8, 3)]  # BLOCK_M, num_warps, num_stages
+
+
+def launch(q8, qs, k8, ks, v8, vs, out, bm, warps, stages):
+    b, h, lq, d = q8.shape
+    return K.attn_body[(triton_cdiv(lq, bm), b * h)](
+        q8, k8, v8, qs, ks, vs, out, lq, k8.shape[2], v8.shape[-1], h, ks.shape[-1],
+        q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), D=d, BLOCK_M=bm, BLOCK_N=BLOCK_N,
+        num_warps=warps, num_stages=stages)  # fmt: skip
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--shape", default="1,40,32760,128")
+    args = ap.parse_args()
+    b, h, n, d = map(int, args.shape.split(","))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = make_inputs(b, h, n, d, "realistic", gen)
+    ref = reference(q, k, v, heads=4)
+    flops = 4 * b * h * n * n * d
+    t_sdpa = time_cuda(lambda: sdpa(q, k, v), reps=args.reps)
+    packed = quantize_pass(q, k, v)
+    t_quant = time_cuda(lambda: quantize_pass(q, k, v), reps=args.reps)
+    q8, qs, k8, ks, v8, vs = packed
+    print(f"sdpa {t_sdpa['median_ms']:.2f} ms, quantize {t_quant['median_ms']:.2f} ms", flush=True)
+    rows = []
+    for bm, warps, stages in CONFIGS:
+        row = {"block_m": bm, "num_warps": warps, "num_stages": stages}
+        out = torch.empty_like(q)
+        try:
+            kern = launch(q8, qs, k8, ks, v8, vs, out, bm, warps, stages)
+        except Exception as e:  # a config the compiler rejects (shared memory, registers) is a result too
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(bm, warps, stages, row["error"], flush=True)
+            rows.append(row)
+            continue
+        row.update(n_regs=kern.n_regs, n_spills=kern.n_spills, shared=kern.metadata.shared)
+        row["accuracy"] = rel_err(out[:, :, :4], ref)
+        cfg = (out, bm, warps, stages)
+        t = time_cuda(lambda cfg=cfg: launch(q8, qs, k8, ks, v8, vs, *cfg), reps=args.reps)
+        total = t["median_ms"] + t_quant["median_ms"]
+        row.update(attention=t, with_quantize_ms=total, speedup_vs_sdpa=t_sdpa["median_ms"] / total,
+                   tops=flops / t["median_ms"] / 1e9)  # fmt: skip
+        print(f"bm {bm:3d} w {warps} s {stages}: {t['median_ms']:.2f} ms ({row['tops']:.0f} TOPS) +quant = "
+              f"{row['speedup_vs_sdpa']:.3f}x sdpa; regs {kern.n_regs} spills {kern.n_spills} smem "
+              f"{kern.metadata.shared}; cos {row['accuracy']['cos']:.5f} rel {row['accuracy']['rel_l2']:.4f}", flush=True)  # fmt: skip
+        rows.append(row)
+    good = lambda r: "attention" in r and r["accuracy"]["cos"] >= 0.999 and r["accuracy"]["rel_l2"] <= 0.03  # noqa: E731
+    best = min(filter(good, rows), key=lambda r: r["with_quantize_ms"], default=None)
+    if best:
+        print(f"best: {best['block_m']}/{best['num_warps']}/{best['num_stages']} {best['with_quantize_ms']:.2f} ms "
+              f"= {best['speedup_vs_sdpa']:.3f}x sdpa")  # fmt: skip
+    payload = {"shape": [b, h, n, d], "sdpa_bf16": t_sdpa, "quantize": t_quant, "rows": rows, "best": best,
+               "flop_formula": "4*B*H*L^2*D"}  # fmt: skip
+    print(f"wrote {write_result('attention_tiles', payload, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
