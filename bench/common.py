@@ -87,3 +87,38 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> dict:
         "cos": torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item(),
         "nan": bool(torch.isnan(out).any()),
     }
+
+
+KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
+    ("sage attention", ("attn_body", "attn_kernel", "quant_int8_kernel", "quant_v_kernel")),
+    ("sdpa attention", ("flash", "fmha", "sdpa", "attention")),
+    ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "scaled_mm", "sm90_", "sm80_", "cublas")),
+    ("fused elementwise/reduction", ("triton_",)),
+    ("copy", ("copy", "memcpy", "memset", "fill")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def kernel_breakdown(fn, top: int = 12) -> dict:
+    """GPU kernel time of one call of `fn` by kind (ms) and its `top` kernels, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kinds, kernels = {}, {}
+    for ev in prof.events():
+        dt = getattr(ev, "device_time", None) or getattr(ev, "cuda_time", 0.0)  # us
+        if ev.device_type.name != "CUDA" or not dt:
+            continue
+        kinds[kernel_kind(ev.name)] = kinds.get(kernel_kind(ev.name), 0.0) + dt / 1e3
+        kernels[ev.name] = kernels.get(ev.name, 0.0) + dt / 1e3
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+    return {"by_kind_ms": kinds, "total_ms": sum(kinds.values()),
+            "top_ms": [{"kernel": k[:160], "kind": kernel_kind(k), "ms": v} for k, v in ranked]}  # fmt: skip

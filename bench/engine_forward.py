@@ -6,7 +6,8 @@ Variants: bf16 + SDPA, FP8 + SDPA, FP8 + SageAttention. Each gets an AOTInductor
 inputs, one engine for all 40 blocks); `pre` and `post` engines are shared (they hold no quantized layer).
 For each: one-forward time of eager torch and of the engines, parity of the block engine against the eager
 block of the same variant, and of the whole forward against the eager bf16 forward. The attention kernels
-are also timed alone (40 calls), so `forward - attention` gives the linear-and-elementwise part.
+are also timed alone (40 calls), so `forward - attention` gives the linear-and-elementwise part; a profiler
+breakdown of one block engine call by kernel kind (GEMM, attention, fused elementwise) measures it directly.
 
 FP8 scales come from one max-calibration forward on these inputs with forward hooks (what ModelOpt's max
 calibrator computes); bench/fp8_forward.py runs the ModelOpt path itself.
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import rel_err, time_cuda, write_result
+from bench.common import kernel_breakdown, rel_err, time_cuda, write_result
 from bench.dit_forward import inputs, random_dit
 from x2v.runtime.config import load_model_config
 
@@ -172,6 +173,9 @@ def main():
                     tk = blk(tk, e0_, c_, co, si, *w)
                 return post(tk, e_, *post_w)
 
+            # Where one block's GPU time goes (GEMMs, attention, fused elementwise), measured, not subtracted.
+            args0 = (tokens, e0, ctx, cos, sin, *weights[0])
+            r["block_kernels"] = kernel_breakdown(lambda blk=blk, a=args0: blk(*a))
             torch.cuda.reset_peak_memory_stats()
             r["engine"] = time_cuda(forward, 1, args.reps)["median_ms"]
             r["engine_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
