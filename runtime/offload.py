@@ -27,11 +27,12 @@ class OnDevice:
 
 
 def stream_units(part: str, module: nn.Module) -> list[nn.Module]:
-    """The submodules of an encoder that are streamed one at a time, in the order they run."""
+    """The submodules of an encoder that are streamed one at a time, in the order they run (each prefetches
+    the next, so a unit that never runs must not be listed)."""
     if part == "t5":
         return [module.token_embedding, *module.blocks]
-    if part == "clip":
-        return list(module.visual.transformer)
+    if part == "clip":  # Wan takes the features before the last block, which never runs (40 MB, resident)
+        return list(module.visual.transformer)[:-1]
     raise ValueError(f"no streaming plan for {part!r} (known: t5, clip)")
 
 

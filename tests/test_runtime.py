@@ -218,6 +218,24 @@ def test_streamed_encoder_holds_one_block_at_a_time(tiny_ckpt, tiny_cfg):
     assert not any(on_device(b) for b in t5.blocks) and not on_device(t5.token_embedding)  # all released
 
 
+def test_streamed_clip_fetches_only_the_blocks_that_run(tiny_ckpt, tiny_cfg, monkeypatch):
+    from x2v.export.load import load_part
+    from x2v.runtime import offload
+
+    clip = load_part("clip", tiny_ckpt, tiny_cfg)
+    units = offload.stream_units("clip", clip)
+    fetched, fetch = [], offload._Unit.fetch
+    monkeypatch.setattr(
+        offload._Unit, "fetch", lambda self, side: (fetched.append(self), fetch(self, side))[1]
+    )
+    offload.stream(clip, units, "cpu")
+    clip(torch.rand(1, 3, 32, 32))
+    assert (
+        len(fetched) == len(units) == len(clip.visual.transformer) - 1
+    )  # the unused last block is never copied
+    assert all(u.copies is None for u in fetched)  # and every copy was released
+
+
 def test_streamed_encoders_compute_what_resident_ones_do(tiny_ckpt, tiny_cfg):
     from x2v.export.load import load_part
     from x2v.runtime.offload import stream, stream_units
