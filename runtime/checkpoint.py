@@ -36,10 +36,14 @@ def resolve(directory: Path, stem_or_name: str) -> Path:
     raise CheckpointError(f"missing checkpoint file: looked for {' or '.join(str(p) for p in candidates)}")
 
 
-def read_state_dict(path: Path, dtype: Callable[[str], torch.dtype | None] | torch.dtype | None = None):
+def read_state_dict(
+    path: Path, dtype: Callable[[str], torch.dtype | None] | torch.dtype | None = None, device: str = "cpu"
+):
     """Read every tensor of a checkpoint -> (state dict, {key: file it came from}).
 
     dtype: None keeps the stored dtype; a dtype converts floating tensors; a function of the key picks per key.
+    device: where safetensors tensors are read to (straight from the file, no host copy first); .pth files
+    are read to the CPU.
     """
     path = Path(path)
     pick = dtype if callable(dtype) else (lambda key: dtype)
@@ -52,7 +56,7 @@ def read_state_dict(path: Path, dtype: Callable[[str], torch.dtype | None] | tor
             raise CheckpointError(f"{path}: not a safetensors index (needs a 'weight_map'): {e}") from None
         state, sources = {}, {}
         for shard in sorted(set(weight_map.values())):
-            part, where = _read_safetensors(path.parent / shard, pick)
+            part, where = _read_safetensors(path.parent / shard, pick, device)
             expected = {k for k, v in weight_map.items() if v == shard}
             if set(part) != expected:
                 extra = sorted(set(part) ^ expected)[0]
@@ -61,7 +65,7 @@ def read_state_dict(path: Path, dtype: Callable[[str], torch.dtype | None] | tor
             sources.update(where)
         return state, sources
     if path.suffix == ".safetensors":
-        return _read_safetensors(path, pick)
+        return _read_safetensors(path, pick, device)
     if path.suffix in (".pth", ".pt"):
         return _read_pth(path, pick)
     raise CheckpointError(
@@ -76,14 +80,14 @@ def _convert(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype)
 
 
-def _read_safetensors(path: Path, pick) -> tuple[StateDict, dict[str, str]]:
+def _read_safetensors(path: Path, pick, device: str = "cpu") -> tuple[StateDict, dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
     if not path.exists():
         raise CheckpointError(f"missing checkpoint shard: {path}")
     try:
         state = {}
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
             for key in f.keys():
                 state[key] = _convert(f.get_tensor(key), pick(key))
     except (SafetensorError, OSError, RuntimeError) as e:

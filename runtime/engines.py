@@ -320,12 +320,11 @@ def load(directory: Path, ckpt: Path | None = None, device=None, verify_engines:
     block_dt = {n: DTYPES[d] for n, d in first("block")["weights"]}
     dt = {n: DTYPES[d] for k, e in m["engines"].items() if not k.startswith("block") for n, d in e["weights"]}
     pick = lambda key: block_dt[key.split(".", 2)[2]] if key.startswith("blocks.") else dt.get(key)
-    state, _ = read_state_dict(resolve(ckpt, m["checkpoint"]["dit_file"]), pick)
-    lap("dit_weights_read_s")
-    state = {k: v.to(device) for k, v in state.items()}
+    state, _ = read_state_dict(resolve(ckpt, m["checkpoint"]["dit_file"]), pick, device)
+    state = {k: v.to(device) for k, v in state.items()}  # a .pth DiT is read to the CPU
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    lap("dit_weights_to_device_s")
+    lap("dit_weights_s")
     weights = {
         "time": [state[n] for n, _ in first("time")["weights"]],
         "pre": [state[n] for n, _ in first("pre")["weights"]],
