@@ -1,7 +1,7 @@
-"""Compile the SageAttention kernel for sm90 without a GPU and show what the hardware will execute.
+"""Compile the SageAttention kernel for sm90 (or sm89) without a GPU and show what the hardware will execute.
 
     pip install triton==3.6.0        # the device image's Triton; its wheel bundles ptxas and cuobjdump
-    python bench/sage_sass.py [--block-m 64 --warps 4 --stages 3] [--maxnreg N] [--sass FILE]
+    python bench/sage_sass.py [--block-m 64 --warps 4 --stages 3] [--arch 90] [--maxnreg N] [--sass FILE]
 
 Prints the registers, spill stack and shared memory per CTA (what bounds CTAs per SM) and the instruction
 mix of the key loop (the code between the first IGMMA and the loop's backward branch), per score. The
@@ -26,7 +26,9 @@ ALIGNED = ("Q", "K", "V", "QS", "KS", "VS", "Out", "L_pad", "n_kblocks",
            "s_qb", "s_qh", "s_ql", "s_kb", "s_kh", "s_kn", "s_ob", "s_ol", "s_oh")  # fmt: skip
 
 
-def compile_sm90(block_m: int, warps: int, stages: int, head_dim: int = 128, maxnreg: int | None = None):
+def compile_for(
+    arch: int, block_m: int, warps: int, stages: int, head_dim: int = 128, maxnreg: int | None = None
+):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -43,7 +45,7 @@ def compile_sm90(block_m: int, warps: int, stages: int, head_dim: int = 128, max
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED},
     )
     opts = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
 
 
 def cuobjdump(cubin: bytes, *flags: str) -> str:
@@ -56,10 +58,11 @@ def cuobjdump(cubin: bytes, *flags: str) -> str:
 
 
 def loop_mix(sass: str) -> tuple[collections.Counter, int]:
-    """Opcode counts of the first loop that issues the Q.K^T IGMMA (per warp, per key block)."""
+    """Opcode counts of the first loop that issues the Q.K^T MMA (IGMMA on sm90, IMMA on sm89), per warp and
+    key block."""
     lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
     addr = [int(re.match(r"\s+/\*([0-9a-f]{4})\*/", ln).group(1), 16) for ln in lines]
-    first = next(i for i, ln in enumerate(lines) if "IGMMA" in ln)
+    first = next(i for i, ln in enumerate(lines) if "IGMMA" in ln or "IMMA" in ln)
     for i in range(first, len(lines)):  # the backward branch closing the loop that contains `first`
         m = re.search(r"BRA (0x[0-9a-f]+)", lines[i])
         if m and int(m.group(1), 16) <= addr[first]:
@@ -69,7 +72,7 @@ def loop_mix(sass: str) -> tuple[collections.Counter, int]:
                 for ln in lines[start : i + 1]
             )
             return ops, i + 1 - start
-    raise RuntimeError("no loop around the first IGMMA")
+    raise RuntimeError("no loop around the first integer MMA")
 
 
 def main():
@@ -78,10 +81,11 @@ def main():
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--arch", type=int, default=90, choices=(89, 90))
     ap.add_argument("--maxnreg", type=int, default=None)
     ap.add_argument("--sass", default=None, help="also write the whole SASS here")
     args = ap.parse_args()
-    k = compile_sm90(args.block_m, args.warps, args.stages, args.head_dim, args.maxnreg)
+    k = compile_for(args.arch, args.block_m, args.warps, args.stages, args.head_dim, args.maxnreg)
     usage = cuobjdump(k.asm["cubin"], "-res-usage").strip().splitlines()[-1].strip()
     sass = cuobjdump(k.asm["cubin"], "-sass")
     if args.sass:
