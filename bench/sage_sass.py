@@ -91,7 +91,7 @@ def main():
     if args.sass:
         Path(args.sass).write_text(sass)
     print(
-        f"sm90, BLOCK_M {args.block_m}, {args.warps} warps, {args.stages} stages: {usage}; shared {k.metadata.shared} B"
+        f"sm{args.arch}, BLOCK_M {args.block_m}, {args.warps} warps, {args.stages} stages: {usage}; shared {k.metadata.shared} B"
     )
     ops, n = loop_mix(sass)
     scores = args.block_m * 128 // (args.warps * 32)  # per thread per key block (BLOCK_N = 128)
