@@ -21,16 +21,19 @@ from bench.common import rel_err, time_cuda, write_result
 from x2v.plugins import sage_kernels as K
 from x2v.plugins.sage_attention import BLOCK_N, quantize_pass, triton_cdiv
 
-CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 8, 2), (128, 8, 3)]  # BLOCK_M, num_warps, num_stages
+# BLOCK_M, num_warps, num_stages, BLOCK_N, maxnreg. The last two: BLOCK_N 64 capped at 168 registers compiles
+# with 16 bytes of spill and would fit 3 CTAs per SM instead of 2 (bench/sage_sass.py), to hide more latency.
+CONFIGS = [(64, 4, 2, 128, None), (64, 4, 3, 128, None), (64, 4, 4, 128, None), (128, 8, 2, 128, None),
+           (128, 8, 3, 128, None), (64, 4, 3, 64, 168), (64, 4, 4, 64, 168)]  # fmt: skip
 
 
-def launch(q8, qs, k8, ks, v8, vs, out, bm, warps, stages):
+def launch(q8, qs, k8, ks, v8, vs, out, bm, warps, stages, bn, maxnreg):
     b, h, lq, d = q8.shape
     return K.attn_body[(triton_cdiv(lq, bm), b * h)](
         q8, k8, v8, qs, ks, vs, out, lq, k8.shape[2], v8.shape[-1], h, ks.shape[-1],
         q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), D=d, BLOCK_M=bm, BLOCK_N=BLOCK_N,
-        num_warps=warps, num_stages=stages)  # fmt: skip
+        out.stride(0), out.stride(1), out.stride(2), D=d, BLOCK_M=bm, BLOCK_N=bn, KS_BLOCK=BLOCK_N,
+        num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))  # fmt: skip
 
 
 def main():
@@ -50,31 +53,31 @@ def main():
     q8, qs, k8, ks, v8, vs = packed
     print(f"sdpa {t_sdpa['median_ms']:.2f} ms, quantize {t_quant['median_ms']:.2f} ms", flush=True)
     rows = []
-    for bm, warps, stages in CONFIGS:
-        row = {"block_m": bm, "num_warps": warps, "num_stages": stages}
+    for bm, warps, stages, bn, maxnreg in CONFIGS:
+        row = {"block_m": bm, "num_warps": warps, "num_stages": stages, "block_n": bn, "maxnreg": maxnreg}
         out = torch.empty_like(q)
         try:
-            kern = launch(q8, qs, k8, ks, v8, vs, out, bm, warps, stages)
+            kern = launch(q8, qs, k8, ks, v8, vs, out, bm, warps, stages, bn, maxnreg)
         except Exception as e:  # a config the compiler rejects (shared memory, registers) is a result too
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            print(bm, warps, stages, row["error"], flush=True)
+            print(bm, warps, stages, bn, maxnreg, row["error"], flush=True)
             rows.append(row)
             continue
         row.update(n_regs=kern.n_regs, n_spills=kern.n_spills, shared=kern.metadata.shared)
         row["accuracy"] = rel_err(out[:, :, :4], ref)
-        cfg = (out, bm, warps, stages)
+        cfg = (out, bm, warps, stages, bn, maxnreg)
         t = time_cuda(lambda cfg=cfg: launch(q8, qs, k8, ks, v8, vs, *cfg), reps=args.reps)
         total = t["median_ms"] + t_quant["median_ms"]
         row.update(attention=t, with_quantize_ms=total, speedup_vs_sdpa=t_sdpa["median_ms"] / total,
                    tops=flops / t["median_ms"] / 1e9)  # fmt: skip
-        print(f"bm {bm:3d} w {warps} s {stages}: {t['median_ms']:.2f} ms ({row['tops']:.0f} TOPS) +quant = "
+        print(f"bm {bm:3d} w {warps} s {stages} bn {bn} maxnreg {maxnreg}: {t['median_ms']:.2f} ms ({row['tops']:.0f} TOPS) +quant = "
               f"{row['speedup_vs_sdpa']:.3f}x sdpa; regs {kern.n_regs} spills {kern.n_spills} smem "
               f"{kern.metadata.shared}; cos {row['accuracy']['cos']:.5f} rel {row['accuracy']['rel_l2']:.4f}", flush=True)  # fmt: skip
         rows.append(row)
     good = lambda r: "attention" in r and r["accuracy"]["cos"] >= 0.999 and r["accuracy"]["rel_l2"] <= 0.03  # noqa: E731
     best = min(filter(good, rows), key=lambda r: r["with_quantize_ms"], default=None)
     if best:
-        print(f"best: {best['block_m']}/{best['num_warps']}/{best['num_stages']} {best['with_quantize_ms']:.2f} ms "
+        print(f"best: {best['block_m']}/{best['num_warps']}/{best['num_stages']}/{best['block_n']}/{best['maxnreg']} {best['with_quantize_ms']:.2f} ms "
               f"= {best['speedup_vs_sdpa']:.3f}x sdpa")  # fmt: skip
     payload = {"shape": [b, h, n, d], "sdpa_bf16": t_sdpa, "quantize": t_quant, "rows": rows, "best": best,
                "flop_formula": "4*B*H*L^2*D"}  # fmt: skip

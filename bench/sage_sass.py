@@ -26,9 +26,8 @@ ALIGNED = ("Q", "K", "V", "QS", "KS", "VS", "Out", "L_pad", "n_kblocks",
            "s_qb", "s_qh", "s_ql", "s_kb", "s_kh", "s_kn", "s_ob", "s_ol", "s_oh")  # fmt: skip
 
 
-def compile_for(
-    arch: int, block_m: int, warps: int, stages: int, head_dim: int = 128, maxnreg: int | None = None
-):
+def compile_for(arch: int, block_m: int, warps: int, stages: int, head_dim: int = 128, maxnreg: int | None = None,
+                block_n: int | None = None):  # fmt: skip
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -36,7 +35,7 @@ def compile_for(
     from x2v.plugins import sage_kernels as K
     from x2v.plugins.sage_attention import BLOCK_N
 
-    const = {"D": head_dim, "BLOCK_M": block_m, "BLOCK_N": BLOCK_N}
+    const = {"D": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n or BLOCK_N, "KS_BLOCK": BLOCK_N}
     names = list(SIGNATURE)
     src = ASTSource(
         fn=K.attn_body,
@@ -82,10 +81,13 @@ def main():
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--arch", type=int, default=90, choices=(89, 90))
+    ap.add_argument("--block-n", type=int, default=None, help="key block (default: K's scale block, 128)")
     ap.add_argument("--maxnreg", type=int, default=None)
     ap.add_argument("--sass", default=None, help="also write the whole SASS here")
     args = ap.parse_args()
-    k = compile_for(args.arch, args.block_m, args.warps, args.stages, args.head_dim, args.maxnreg)
+    k = compile_for(
+        args.arch, args.block_m, args.warps, args.stages, args.head_dim, args.maxnreg, args.block_n
+    )
     usage = cuobjdump(k.asm["cubin"], "-res-usage").strip().splitlines()[-1].strip()
     sass = cuobjdump(k.asm["cubin"], "-sass")
     if args.sass:
@@ -94,7 +96,7 @@ def main():
         f"sm{args.arch}, BLOCK_M {args.block_m}, {args.warps} warps, {args.stages} stages: {usage}; shared {k.metadata.shared} B"
     )
     ops, n = loop_mix(sass)
-    scores = args.block_m * 128 // (args.warps * 32)  # per thread per key block (BLOCK_N = 128)
+    scores = args.block_m * (args.block_n or 128) // (args.warps * 32)  # per thread per key block
     print(f"key loop: {n} instructions per warp per key block, {n / scores:.1f} per score")
     print("  " + ", ".join(f"{op} {c}" for op, c in ops.most_common(16)))
 

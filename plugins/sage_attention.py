@@ -152,7 +152,7 @@ def _sage_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     wrap_triton(K.attn_kernel)[grid](
         q8, k8, v8, qs, ks, v_scale, out, lq, lk, v8.shape[-1], h, ks.shape[-1],
         q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), D=d, BLOCK_N=BLOCK_N)  # fmt: skip
+        out.stride(0), out.stride(1), out.stride(2), D=d, BLOCK_N=BLOCK_N, KS_BLOCK=BLOCK_N)  # fmt: skip
     return out
 
 

@@ -113,8 +113,9 @@ def _configs():
 @triton.jit
 def attn_body(Q, K, V, QS, KS, VS, Out, Lq, Lk, L_pad, H, n_kblocks,
               s_qb, s_qh, s_ql, s_kb, s_kh, s_kn, s_ob, s_ol, s_oh,
-              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """One BLOCK_M tile of queries of head (b, h) against all keys (K's scales are per BLOCK_N tokens)."""
+              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KS_BLOCK: tl.constexpr):  # fmt: skip
+    """One BLOCK_M tile of queries of head (b, h) against all keys; K has one scale per KS_BLOCK tokens (a
+    multiple of BLOCK_N)."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -133,12 +134,12 @@ def attn_body(Q, K, V, QS, KS, VS, Out, Lq, Lk, L_pad, H, n_kblocks,
     n_full = Lk // BLOCK_N
     for i in range(0, n_full):
         s_int = tl.dot(q, tl.load(k_ptrs + i * BLOCK_N * s_kn))
-        acc, l_i, m_i = _step(acc, l_i, m_i, s_int, qs * tl.load(ks_ptr + i), tl.load(v_ptrs + i * BLOCK_N),
+        acc, l_i, m_i = _step(acc, l_i, m_i, s_int, qs * tl.load(ks_ptr + i * BLOCK_N // KS_BLOCK), tl.load(v_ptrs + i * BLOCK_N),
                               offs_n, False)  # fmt: skip
     if n_full * BLOCK_N < Lk:  # the last, partial key block (V^T is zero-padded to L_pad)
         valid = (n_full * BLOCK_N + offs_n) < Lk
         s_int = tl.dot(q, tl.load(k_ptrs + n_full * BLOCK_N * s_kn, mask=valid[None, :], other=0))
-        acc, l_i, m_i = _step(acc, l_i, m_i, s_int, qs * tl.load(ks_ptr + n_full),
+        acc, l_i, m_i = _step(acc, l_i, m_i, s_int, qs * tl.load(ks_ptr + n_full * BLOCK_N // KS_BLOCK),
                               tl.load(v_ptrs + n_full * BLOCK_N), valid, True)  # fmt: skip
     vs = tl.load(VS + pid_bh * D + offs_d)
     out = acc * vs[None, :] / l_i[:, None]  # l_i carries the same 2^8 as P
