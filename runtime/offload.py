@@ -36,9 +36,9 @@ def stream_units(part: str, module: nn.Module) -> list[nn.Module]:
     raise ValueError(f"no streaming plan for {part!r} (known: t5, clip)")
 
 
-def _tensors(module: nn.Module, recurse: bool = True):
+def _tensors(module: nn.Module):
     """(owner module, name, tensor, is parameter) of every parameter and buffer."""
-    for m in module.modules() if recurse else [module]:
+    for m in module.modules():
         yield from ((m, n, t, True) for n, t in m._parameters.items() if t is not None)
         yield from ((m, n, t, False) for n, t in m._buffers.items() if t is not None)
 
@@ -55,8 +55,9 @@ class _Unit:
     def __init__(self, module: nn.Module, device: torch.device):
         self.device = device
         pin = device.type == "cuda"
-        self.slots = [(m, n, p) for m, n, _, p in _tensors(module)]
-        self.host = [t.data.pin_memory() if pin else t.data for _, _, t, _ in _tensors(module)]
+        found = list(_tensors(module))
+        self.slots = [(m, n, p) for m, n, _, p in found]
+        self.host = [t.data.pin_memory() if pin else t.data for _, _, t, _ in found]
         for (m, n, p), h in zip(self.slots, self.host, strict=True):
             _put(m, n, nn.Parameter(h, requires_grad=False) if p else h, p)
         self.resting = [getattr(m, n) for m, n, _ in self.slots]
@@ -91,9 +92,8 @@ def stream(module: nn.Module, units: list[nn.Module], device) -> nn.Module:
     device one unit at a time, the next prefetched while one runs. Returns `module`, hooked."""
     device = torch.device(device)
     streamed = {id(t) for u in units for *_, t, _ in _tensors(u)}
-    for m, name, t, is_param in list(
-        _tensors(module)
-    ):  # the rest (norms, embeddings, heads) is small: resident
+    # The rest (norms, positional tables, heads) is small: resident.
+    for m, name, t, is_param in list(_tensors(module)):
         if id(t) not in streamed:
             _put(m, name, t.data.to(device), is_param)
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
