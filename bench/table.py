@@ -165,9 +165,6 @@ def run_row(args) -> dict:
     row = {"row": args.row, "model": cfg.name, "steps": result.steps_total, "steps_computed": result.steps_computed,
            "full_steps": full, "teacache": result.teacache, "load_s": pipe.load_s, "load_phases": pipe.load_phases, "e2e_s": e2e,
            **{k: v for k, v in result.timings.items() if k != "load_s"}}  # fmt: skip
-    if device == "cuda":
-        row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        row["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
     row["step_s"] = [float(d) for d in np.diff(marks)]  # steps 2..n (the first has no start mark in the loop)
     if projected_s(row) is not None:
         row["e2e_projected_s"] = projected_s(row)
@@ -240,17 +237,20 @@ def render(args) -> Path:
     lines = [
         f"# x2v speed table: {card}",
         "",
-        "| row | steps | load s | end-to-end s | projected full s | peak GB | speedup | latents rel L2 | video PSNR dB | "
+        "| row | steps | load s | end-to-end s | projected full s | peak GB (denoise) | speedup | latents rel L2 | video PSNR dB | "
         "pre / blocks / post ms (one step) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v, spec: "-" if v is None or v != v else format(v, spec)  # noqa: E731 (None, NaN -> "-")
+    peak = lambda r: (
+        fmt(r.get("peak_gb"), ".1f") + (f" ({r['peak_denoise_gb']:.1f})" if "peak_denoise_gb" in r else "")
+    )  # noqa: E731
     for name in [r for r in ROWS if r in rows]:
         r = rows[name]
         b = r["step_breakdown"]
         lines.append(
             f"| {name} | {r['steps_computed']}/{r['steps']} of {r['full_steps']} | {r['load_s']:.1f} | "
-            f"{r['e2e_s']:.1f} | {fmt(projected_s(r), '.1f')} | {fmt(r.get('peak_gb'), '.1f')} | "
+            f"{r['e2e_s']:.1f} | {fmt(projected_s(r), '.1f')} | {peak(r)} | "
             f"{speedup(r, base)} | {fmt(r.get('latents_rel_l2_vs_baseline'), '.3f')} | "
             f"{fmt(r.get('video_psnr_vs_baseline_db'), '.1f')} | "
             f"{b['pre_ms']:.0f} / {b['blocks_ms']:.0f} / {b['post_ms']:.0f} |"
@@ -260,6 +260,8 @@ def render(args) -> Path:
     lines += ["", f"Card {env['card']}, driver {env.get('driver', '-')}, torch {env['torch']}, commits {commits}.",
               "Speedup: baseline end-to-end / row end-to-end, both over the full schedule (projected where fewer steps "
               "ran: the measured run plus the missing steps at the median of steps 2..n, computed and skipped steps apart).",
+              "Peak: GPU memory allocated at most over the request; in parentheses the denoising phase's (the DiT's weights "
+              "and activations plus whatever stays resident), where recorded.",
               "fp8-teacache: TeaCache 0.2 on random weights; how many steps a full schedule computes depends on the "
               "trajectory, so it is neither projected nor compared. distill: the 4-step model, no guidance (its own "
               "full schedule), so it has no fidelity against the 40-step baseline."]  # fmt: skip

@@ -266,6 +266,7 @@ class Pipeline:
             image, prompt, negative_prompt or WAN_NEGATIVE_PROMPT, frames, height, width
         )
         timings["encode_s"] = self._lap(t0)
+        self._phase_peak(timings, "encode")
 
         shift = s.shift if shift is None else shift
         if s.solver == "euler":
@@ -293,6 +294,7 @@ class Pipeline:
         latents = denoise(self.dit, noise, schedule, make_sampler(s.solver, schedule), cond,
                           uncond if guide_scale != 1.0 else None, guide_scale, plan, batch_cfg, progress)  # fmt: skip
         timings["denoise_s"] = self._lap(t0)
+        self._phase_peak(timings, "denoise")
 
         t0 = time.perf_counter()
         if decode_tile:
@@ -306,7 +308,11 @@ class Pipeline:
         frames_u8 = to_uint8(video)
         timings["decode_s"] = self._lap(t0)
         if self.device.type == "cuda":
-            timings["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            self._phase_peak(timings, "decode")
+            timings["peak_gb"] = max(timings[f"peak_{p}_gb"] for p in ("encode", "denoise", "decode"))
+            timings["peak_reserved_gb"] = max(
+                timings.pop(f"peak_{p}_reserved_gb") for p in ("encode", "denoise", "decode")
+            )
         else:  # the process's peak resident memory (Linux reports KiB)
             import resource
 
@@ -315,6 +321,14 @@ class Pipeline:
         return Result(
             frames_u8, latents, timings, plan.computed if plan else n, n, plan.describe() if plan else ""
         )
+
+    def _phase_peak(self, timings: dict, phase: str) -> None:
+        """GPU memory peak of the phase that just ended (allocated, and reserved by the caching allocator),
+        then a fresh count: the denoise peak is the DiT's weights and activations plus whatever stays resident."""
+        if self.device.type == "cuda":
+            timings[f"peak_{phase}_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            timings[f"peak_{phase}_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+            torch.cuda.reset_peak_memory_stats()
 
     def _lap(self, t0: float) -> float:
         if self.device.type == "cuda":
