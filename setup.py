@@ -41,6 +41,8 @@ setup(
             "onnxscript>=0.3",
             "onnxruntime>=1.20",
             "nvidia-modelopt>=0.40",
+            # the SageAttention kernels run in Triton's CPU interpreter (the GPU image's Triton version)
+            "triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],  # fmt: skip
     },
     entry_points={

@@ -107,11 +107,16 @@ def sage_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int
 # The registered op. Its body only runs on CUDA tensors; the fake implementation gives shapes for tracing.
 
 
-def quantize_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """Launch the three quantization kernels -> (q8, q_scale, k8, k_scale, v8 transposed, v_scale)."""
+def quantize_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wrap=None):
+    """Launch the three quantization kernels -> (q8, q_scale, k8, k_scale, v8 transposed, v_scale).
+
+    wrap: how kernels are launched, torch.library.wrap_triton by default (tests pass `lambda f: f` to run them
+    in Triton's CPU interpreter)."""
     from torch.library import wrap_triton
 
     from x2v.plugins import sage_kernels as K
+
+    wrap_triton = wrap or wrap_triton
 
     b, lq, h, d = q.shape
     lk = k.shape[1]
@@ -135,25 +140,30 @@ def quantize_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return q8, qs, k8, ks, v8, v_scale
 
 
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wrap, kernel, **config) -> torch.Tensor:
+    """Quantize, then attend with `kernel` (sage_kernels.attn_kernel, autotuned; attn_body with `config`)."""
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    q8, qs, k8, ks, v8, v_scale = quantize_pass(q, k, v, wrap)
+    out = torch.empty_like(q)
+
+    def grid(meta):
+        return (triton_cdiv(lq, meta["BLOCK_M"]), b * h)
+
+    wrap(kernel)[grid](
+        q8, k8, v8, qs, ks, v_scale, out, lq, lk, v8.shape[-1], h, ks.shape[-1],
+        q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), D=d, BLOCK_N=BLOCK_N, KS_BLOCK=BLOCK_N, **config)  # fmt: skip
+    return out
+
+
 @torch.library.triton_op("x2v::sage_attention", mutates_args={})
 def _sage_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     from torch.library import wrap_triton
 
     from x2v.plugins import sage_kernels as K
 
-    b, lq, h, d = q.shape
-    lk = k.shape[1]
-    q8, qs, k8, ks, v8, v_scale = quantize_pass(q, k, v)
-    out = torch.empty_like(q)
-
-    def grid(meta):
-        return (triton_cdiv(lq, meta["BLOCK_M"]), b * h)
-
-    wrap_triton(K.attn_kernel)[grid](
-        q8, k8, v8, qs, ks, v_scale, out, lq, lk, v8.shape[-1], h, ks.shape[-1],
-        q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), D=d, BLOCK_N=BLOCK_N, KS_BLOCK=BLOCK_N)  # fmt: skip
-    return out
+    return launch(q, k, v, wrap_triton, K.attn_kernel)
 
 
 def triton_cdiv(a: int, b: int) -> int:
