@@ -134,8 +134,8 @@ def attn_body(Q, K, V, QS, KS, VS, Out, Lq, Lk, L_pad, H, n_kblocks,
     n_full = Lk // BLOCK_N
     for i in range(0, n_full):
         s_int = tl.dot(q, tl.load(k_ptrs + i * BLOCK_N * s_kn))
-        acc, l_i, m_i = _step(acc, l_i, m_i, s_int, qs * tl.load(ks_ptr + i * BLOCK_N // KS_BLOCK), tl.load(v_ptrs + i * BLOCK_N),
-                              offs_n, False)  # fmt: skip
+        acc, l_i, m_i = _step(acc, l_i, m_i, s_int, qs * tl.load(ks_ptr + i * BLOCK_N // KS_BLOCK),
+                              tl.load(v_ptrs + i * BLOCK_N), offs_n, False)  # fmt: skip
     if n_full * BLOCK_N < Lk:  # the last, partial key block (V^T is zero-padded to L_pad)
         valid = (n_full * BLOCK_N + offs_n) < Lk
         s_int = tl.dot(q, tl.load(k_ptrs + n_full * BLOCK_N * s_kn, mask=valid[None, :], other=0))
