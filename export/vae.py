@@ -219,11 +219,16 @@ class Decoder3d(nn.Module):
         return _run([self.conv1, *self.middle, *self.upsamples, *self.head], x, cache)
 
 
-def _tile_starts(n: int, tile: int, stride: int) -> list[int]:
-    starts = list(range(0, max(n - tile, 0) + 1, stride))
-    if starts[-1] + tile < n:
-        starts.append(n - tile)
-    return starts
+def _tiles(n: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """(start, end) of as few tiles of at most `tile` as cover `n` with neighbours overlapping by at least
+    `overlap`, all the same size and evenly spread: less area than fixed-stride tiles with a shifted last one
+    (544 x 720 px, tile 32: 1.6x the frame's area instead of 2.0x)."""
+    if n <= tile:
+        return [(0, n)]
+    count = -(-(n - overlap) // (tile - overlap))
+    size = -(-(n + (count - 1) * overlap) // count)
+    starts = [(n - size) * i // (count - 1) for i in range(count)]
+    return [(a, a + size) for a in starts]
 
 
 def _ramp(n: int, head: int, tail: int, device) -> torch.Tensor:
@@ -278,9 +283,8 @@ class WanVAE(nn.Module):
         if not 0 < overlap < tile:
             raise ValueError(f"tile overlap must be in (0, {tile}), got {overlap}")
         out = weight = None
-        for y0 in _tile_starts(h, tile, tile - overlap):
-            for x0 in _tile_starts(w, tile, tile - overlap):
-                y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+        for y0, y1 in _tiles(h, tile, overlap):
+            for x0, x1 in _tiles(w, tile, overlap):
                 part = self.decode(z[:, :, :, y0:y1, x0:x1], chunk)
                 ramp = 8 * overlap
                 wy = _ramp(8 * (y1 - y0), ramp if y0 > 0 else 0, ramp if y1 < h else 0, part.device)

@@ -264,3 +264,17 @@ def test_tiled_decode_blends_tiles_exactly_for_a_local_decoder(tiny_ckpt, tiny_c
     for tile, overlap in ((8, 2), (10, 4), (16, 8)):
         torch.testing.assert_close(vae.decode_tiled(z, tile, overlap), vae.decode(z))
     torch.testing.assert_close(vae.decode_tiled(z, 32, 8), vae.decode(z))  # one tile covers it all
+
+
+def test_decode_tiles_cover_the_frame_with_the_overlap_asked_and_little_extra_area():
+    from x2v.export.vae import _tiles
+
+    # 544 x 720 px (68 x 90 latents) at tile 32, overlap 8: 3 x 4 tiles of 28 x 29
+    assert _tiles(68, 32, 8) == [(0, 28), (20, 48), (40, 68)]
+    for n in (33, 60, 68, 90, 104, 129):
+        tiles = _tiles(n, 32, 8)
+        assert tiles[0][0] == 0 and tiles[-1][1] == n and all(b - a <= 32 for a, b in tiles)
+        assert all(prev[1] - nxt[0] >= 8 for prev, nxt in zip(tiles, tiles[1:]))
+        # what fixed 24-latent strides with a shifted last tile cost: ceil((n - 8) / 24) tiles of 32
+        assert sum(b - a for a, b in tiles) <= 32 * -(-(n - 8) // 24)
+    assert _tiles(20, 32, 8) == [(0, 20)]
