@@ -19,7 +19,7 @@ import torch
 from bench.attention import make_inputs, reference, sdpa
 from bench.common import rel_err, time_cuda, write_result
 from x2v.plugins import sage_kernels as K
-from x2v.plugins.sage_attention import BLOCK_N, quantize_pass, triton_cdiv
+from x2v.plugins.sage_attention import attend, quantize_pass
 
 # BLOCK_M, num_warps, num_stages, BLOCK_N, maxnreg. The last two: BLOCK_N 64 capped at 168 registers compiles
 # with 16 bytes of spill and would fit 3 CTAs per SM instead of 2 (bench/sage_sass.py), to hide more latency.
@@ -27,13 +27,9 @@ CONFIGS = [(64, 4, 2, 128, None), (64, 4, 3, 128, None), (64, 4, 4, 128, None), 
            (128, 8, 3, 128, None), (64, 4, 3, 64, 168), (64, 4, 4, 64, 168)]  # fmt: skip
 
 
-def launch(q8, qs, k8, ks, v8, vs, out, bm, warps, stages, bn, maxnreg):
-    b, h, lq, d = q8.shape
-    return K.attn_body[(triton_cdiv(lq, bm), b * h)](
-        q8, k8, v8, qs, ks, vs, out, lq, k8.shape[2], v8.shape[-1], h, ks.shape[-1],
-        q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), D=d, BLOCK_M=bm, BLOCK_N=bn, KS_BLOCK=BLOCK_N,
-        num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))  # fmt: skip
+def launch(packed, out, bm, warps, stages, bn, maxnreg):
+    return attend(*packed, out, lambda f: f, K.attn_body, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                  num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))  # fmt: skip
 
 
 def main():
@@ -50,14 +46,13 @@ def main():
     t_sdpa = time_cuda(lambda: sdpa(q, k, v), reps=args.reps)
     packed = quantize_pass(q, k, v)
     t_quant = time_cuda(lambda: quantize_pass(q, k, v), reps=args.reps)
-    q8, qs, k8, ks, v8, vs = packed
     print(f"sdpa {t_sdpa['median_ms']:.2f} ms, quantize {t_quant['median_ms']:.2f} ms", flush=True)
     rows = []
     for bm, warps, stages, bn, maxnreg in CONFIGS:
         row = {"block_m": bm, "num_warps": warps, "num_stages": stages, "block_n": bn, "maxnreg": maxnreg}
         out = torch.empty_like(q)
         try:
-            kern = launch(q8, qs, k8, ks, v8, vs, out, bm, warps, stages, bn, maxnreg)
+            kern = launch(packed, out, bm, warps, stages, bn, maxnreg)
         except Exception as e:  # a config the compiler rejects (shared memory, registers) is a result too
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             print(bm, warps, stages, bn, maxnreg, row["error"], flush=True)
@@ -66,7 +61,7 @@ def main():
         row.update(n_regs=kern.n_regs, n_spills=kern.n_spills, shared=kern.metadata.shared)
         row["accuracy"] = rel_err(out[:, :, :4], ref)
         cfg = (out, bm, warps, stages, bn, maxnreg)
-        t = time_cuda(lambda cfg=cfg: launch(q8, qs, k8, ks, v8, vs, *cfg), reps=args.reps)
+        t = time_cuda(lambda cfg=cfg: launch(packed, *cfg), reps=args.reps)
         total = t["median_ms"] + t_quant["median_ms"]
         row.update(attention=t, with_quantize_ms=total, speedup_vs_sdpa=t_sdpa["median_ms"] / total,
                    tops=flops / t["median_ms"] / 1e9)  # fmt: skip

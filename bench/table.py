@@ -149,8 +149,6 @@ def run_row(args) -> dict:
         if args.row == "baseline" and device == "cuda"
         else contextlib.nullcontext()
     )
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -166,8 +164,9 @@ def run_row(args) -> dict:
            "full_steps": full, "teacache": result.teacache, "load_s": pipe.load_s, "load_phases": pipe.load_phases, "e2e_s": e2e,
            **{k: v for k, v in result.timings.items() if k != "load_s"}}  # fmt: skip
     row["step_s"] = [float(d) for d in np.diff(marks)]  # steps 2..n (the first has no start mark in the loop)
-    if projected_s(row) is not None:
-        row["e2e_projected_s"] = projected_s(row)
+    projected = projected_s(row)
+    if projected is not None:
+        row["e2e_projected_s"] = projected
     with torch.no_grad(), autocast:
         image = load_image(IMAGE) if cfg.dit.i2v else None
         cond, _, shape = pipe.encode(image, PROMPT, "", s.frames, s.height, s.width)

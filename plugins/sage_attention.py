@@ -116,7 +116,7 @@ def quantize_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wrap=None):
 
     from x2v.plugins import sage_kernels as K
 
-    wrap_triton = wrap or wrap_triton
+    wrap = wrap or wrap_triton
 
     b, lq, h, d = q.shape
     lk = k.shape[1]
@@ -129,31 +129,36 @@ def quantize_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wrap=None):
     k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()  # [B, H, D]
     v_scale = (v.abs().amax(dim=1).float().clamp(min=1e-12) / V_FP8_MAX).contiguous()  # [B, H, D]
     sm = d**-0.5 * math.log2(math.e)
-    wrap_triton(K.quant_int8_kernel)[(triton_cdiv(lq, 128), b * h)](
+    wrap(K.quant_int8_kernel)[(triton_cdiv(lq, 128), b * h)](
         q, k_mean, q8, qs, lq, h, lq, q.stride(0), q.stride(1), q.stride(2), q8.stride(0), q8.stride(1), q8.stride(2),
         sm, SMOOTH=False, PER_TOKEN=True, BLOCK=128, D=d)  # fmt: skip
-    wrap_triton(K.quant_int8_kernel)[(nkb, b * h)](
+    wrap(K.quant_int8_kernel)[(nkb, b * h)](
         k, k_mean, k8, ks, lk, h, nkb, k.stride(0), k.stride(1), k.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
         1.0, SMOOTH=True, PER_TOKEN=False, BLOCK=BLOCK_N, D=d)  # fmt: skip
-    wrap_triton(K.quant_v_kernel)[(nkb, b * h)](
+    wrap(K.quant_v_kernel)[(nkb, b * h)](
         v, v_scale, v8, lk, nkb * BLOCK_N, h, v.stride(0), v.stride(1), v.stride(2), BLOCK=BLOCK_N, D=d)  # fmt: skip
     return q8, qs, k8, ks, v8, v_scale
 
 
-def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wrap, kernel, **config) -> torch.Tensor:
-    """Quantize, then attend with `kernel` (sage_kernels.attn_kernel, autotuned; attn_body with `config`)."""
-    b, lq, h, d = q.shape
-    lk = k.shape[1]
-    q8, qs, k8, ks, v8, v_scale = quantize_pass(q, k, v, wrap)
-    out = torch.empty_like(q)
+def attend(q8, qs, k8, ks, v8, v_scale, out, wrap, kernel, **config):
+    """Launch the attention kernel on quantize_pass's tensors, writing `out` [B, Lq, H, D]; returns what the
+    launch returns (the compiled kernel, for a plain JIT launch). config: BLOCK_M, num_warps, ... for
+    sage_kernels.attn_body (attn_kernel autotunes them); BLOCK_N defaults to K's scale block."""
+    b, h, lq, d = q8.shape
 
     def grid(meta):
         return (triton_cdiv(lq, meta["BLOCK_M"]), b * h)
 
-    wrap(kernel)[grid](
-        q8, k8, v8, qs, ks, v_scale, out, lq, lk, v8.shape[-1], h, ks.shape[-1],
+    return wrap(kernel)[grid](
+        q8, k8, v8, qs, ks, v_scale, out, lq, k8.shape[2], v8.shape[-1], h, ks.shape[-1],
         q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), D=d, BLOCK_N=BLOCK_N, KS_BLOCK=BLOCK_N, **config)  # fmt: skip
+        out.stride(0), out.stride(1), out.stride(2), D=d, KS_BLOCK=BLOCK_N, **{"BLOCK_N": BLOCK_N, **config})  # fmt: skip
+
+
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wrap, kernel, **config) -> torch.Tensor:
+    """Quantize, then attend with `kernel` (sage_kernels.attn_kernel, autotuned; attn_body with `config`)."""
+    out = torch.empty_like(q)
+    attend(*quantize_pass(q, k, v, wrap), out, wrap, kernel, **config)
     return out
 
 

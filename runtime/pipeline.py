@@ -310,9 +310,6 @@ class Pipeline:
         if self.device.type == "cuda":
             self._phase_peak(timings, "decode")
             timings["peak_gb"] = max(timings[f"peak_{p}_gb"] for p in ("encode", "denoise", "decode"))
-            timings["peak_reserved_gb"] = max(
-                timings.pop(f"peak_{p}_reserved_gb") for p in ("encode", "denoise", "decode")
-            )
         else:  # the process's peak resident memory (Linux reports KiB)
             import resource
 
@@ -323,11 +320,13 @@ class Pipeline:
         )
 
     def _phase_peak(self, timings: dict, phase: str) -> None:
-        """GPU memory peak of the phase that just ended (allocated, and reserved by the caching allocator),
-        then a fresh count: the denoise peak is the DiT's weights and activations plus whatever stays resident."""
+        """GPU memory peak of the phase that just ended, then a fresh count: the denoise peak is the DiT's
+        weights and activations plus whatever stays resident. The caching allocator's reserved peak is kept
+        over the whole request."""
         if self.device.type == "cuda":
             timings[f"peak_{phase}_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            timings[f"peak_{phase}_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+            reserved = torch.cuda.max_memory_reserved() / 1e9
+            timings["peak_reserved_gb"] = max(timings.get("peak_reserved_gb", 0.0), reserved)
             torch.cuda.reset_peak_memory_stats()
 
     def _lap(self, t0: float) -> float:
