@@ -23,6 +23,9 @@ from x2v.runtime.engines import FORMAT, MANIFEST, dtype_name, sha256_file
 SOURCES = ("export/dit.py", "export/engines.py", "export/fp8.py", "export/onnx_ops.py",
            "plugins/sage_attention.py", "plugins/sage_kernels.py")  # fmt: skip
 ROOT = Path(__file__).resolve().parent.parent
+# GPU-config settings the runtime applies (VAE decode chunk and tile, where the encoders keep their weights):
+# changing them rebuilds no engine.
+RUNTIME_ONLY = ("vae_chunk", "vae_tile", "encoders")
 
 
 class BuildError(ValueError):
@@ -153,7 +156,8 @@ def build(model: str, ckpt: Path, gpu: str, out: Path, precision: str | None = N
     log(f"loaded {cfg.name} DiT from {dit_path} in {time.perf_counter() - t0:.1f} s")
     ckpt_id = identity(dit_path)
     autotune = g.autotune if autotune is None else autotune
-    common = {"model": dataclasses.asdict(cfg), "gpu": dataclasses.asdict(g), "precision": precision, "autotune": autotune,
+    gpu_key = {k: v for k, v in dataclasses.asdict(g).items() if k not in RUNTIME_ONLY}
+    common = {"model": dataclasses.asdict(cfg), "gpu": gpu_key, "precision": precision, "autotune": autotune,
               "attn": attn, "backend": backend, "versions": versions(backend), "checkpoint": ckpt_id,
               "source": source_hash()}  # fmt: skip
     ext = {"aoti": "pt2", "onnx": "onnx", "tensorrt": "plan"}[backend]

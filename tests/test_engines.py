@@ -180,6 +180,20 @@ def test_rebuild_reuses_what_is_up_to_date(tiny_ckpt, engines, tmp_path):
     assert m["profiles"] == ["9x48x64", "5x48x64"]
 
 
+def test_runtime_only_gpu_settings_rebuild_nothing(tiny_ckpt, engines, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from x2v.export import build as B
+
+    cpu = load_gpu_config("cpu")
+    monkeypatch.setattr(
+        B, "load_gpu_config", lambda name: replace(cpu, encoders="stream", vae_tile=16, vae_chunk=2)
+    )
+    d, logs = copy_engines(engines, tmp_path), []
+    build("tiny", tiny_ckpt, "cpu", d, log=logs.append)
+    assert sum("up to date" in s for s in logs) == 8
+
+
 def test_build_refuses_what_it_cannot_honour(tiny_ckpt, tmp_path):
     with pytest.raises(ConfigError, match="unknown GPU 'h300'; known GPUs: a100, cpu, h100, h200, rtx4090"):
         build("tiny", tiny_ckpt, "h300", tmp_path)
