@@ -117,7 +117,8 @@ def kernel_breakdown(fn, top: int = 12) -> dict:
         dt = getattr(ev, "device_time", None) or getattr(ev, "cuda_time", 0.0)  # us
         if ev.device_type.name != "CUDA" or not dt:
             continue
-        kinds[kernel_kind(ev.name)] = kinds.get(kernel_kind(ev.name), 0.0) + dt / 1e3
+        kind = kernel_kind(ev.name)
+        kinds[kind] = kinds.get(kind, 0.0) + dt / 1e3
         kernels[ev.name] = kernels.get(ev.name, 0.0) + dt / 1e3
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
     return {"by_kind_ms": kinds, "total_ms": sum(kinds.values()),
