@@ -140,6 +140,20 @@ def quantize_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wrap=None):
     return q8, qs, k8, ks, v8, v_scale
 
 
+def quantize_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """quantize_pass's outputs computed with torch ops (the reference math): what the op traces to under a
+    compiler, so Inductor fuses the quantization into the kernels that produce q and k (norm, RoPE) instead
+    of writing them in bf16 for quantization kernels to read back."""
+    b, lk, h, d = k.shape
+    q8, qs = quantize_q(q)
+    k8, ks = quantize_k(k)
+    x = v.float()
+    v_scale = x.abs().amax(dim=1).clamp(min=1e-12) / V_FP8_MAX  # [B, H, D]
+    vt = (x / v_scale[:, None]).permute(0, 2, 3, 1)  # [B, H, D, L]
+    v8 = F.pad(vt, (0, -lk % BLOCK_N)).to(torch.float8_e4m3fn).contiguous()
+    return q8, qs.contiguous(), k8, ks.contiguous(), v8, v_scale.contiguous()
+
+
 def attend(q8, qs, k8, ks, v8, v_scale, out, wrap, kernel, **config):
     """Launch the attention kernel on quantize_pass's tensors, writing `out` [B, Lq, H, D]; returns what the
     launch returns (the compiled kernel, for a plain JIT launch). config: BLOCK_M, num_warps, ... for
@@ -155,11 +169,28 @@ def attend(q8, qs, k8, ks, v8, v_scale, out, wrap, kernel, **config):
         out.stride(0), out.stride(1), out.stride(2), D=d, KS_BLOCK=BLOCK_N, **{"BLOCK_N": BLOCK_N, **config})  # fmt: skip
 
 
-def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wrap, kernel, **config) -> torch.Tensor:
-    """Quantize, then attend with `kernel` (sage_kernels.attn_kernel, autotuned; attn_body with `config`)."""
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wrap, kernel, quant=None, **config) -> torch.Tensor:
+    """Quantize (`quant`: quantize_pass by default), then attend with `kernel` (sage_kernels.attn_kernel,
+    autotuned; attn_body with `config`)."""
     out = torch.empty_like(q)
-    attend(*quantize_pass(q, k, v, wrap), out, wrap, kernel, **config)
+    packed = quant(q, k, v) if quant is not None else quantize_pass(q, k, v, wrap)
+    attend(*packed, out, wrap, kernel, **config)
     return out
+
+
+# How the op runs, set before a graph holding it is compiled (export/build.py sets TILE from the GPU config):
+# TILE: the attention kernel's tile ({"BLOCK_M", "num_warps", "num_stages"}), None to autotune;
+# TRACED_QUANT: "fused" (torch ops the compiler fuses, quantize_fused) or "kernels" (quantize_pass) when
+# a compiler traces the op. Eager calls always use the quantization kernels.
+TILE: dict | None = None
+TRACED_QUANT = "fused"
+
+
+def _traced(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return torch.compiler.is_compiling() or isinstance(t, (FakeTensor, FunctionalTensor))
 
 
 @torch.library.triton_op("x2v::sage_attention", mutates_args={})
@@ -168,7 +199,10 @@ def _sage_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 
     from x2v.plugins import sage_kernels as K
 
-    return launch(q, k, v, wrap_triton, K.attn_kernel)
+    quant = quantize_fused if TRACED_QUANT == "fused" and _traced(q) else None
+    if TILE is None:
+        return launch(q, k, v, wrap_triton, K.attn_kernel, quant)
+    return launch(q, k, v, wrap_triton, K.attn_body, quant, **TILE)
 
 
 def triton_cdiv(a: int, b: int) -> int:

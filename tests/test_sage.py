@@ -127,9 +127,10 @@ INTERPRETED = textwrap.dedent("""
         k = k * (1 + 3 * (torch.arange(n) // 128 % 2))[None, :, None, None]  # K's blocks differ: per-block scales matter
         q, k, v = (t.bfloat16() for t in (q, k, v))
         q = torch.cat([q, k], dim=-1)[..., :d]  # a strided view, as a fused QKV projection hands over
-        out = sage.launch(q, k, v, lambda f: f, K.attn_body, BLOCK_M=64)
         ref = sage.sage_reference(q, k, v).float()
-        print(((out.float() - ref).norm() / ref.norm()).item())
+        for quant in (None, sage.quantize_fused):  # the kernels eager runs; the torch ops a compiler fuses
+            out = sage.launch(q, k, v, lambda f: f, K.attn_body, quant, BLOCK_M=64)
+            print(((out.float() - ref).norm() / ref.norm()).item())
 """)
 
 
@@ -142,4 +143,21 @@ def test_triton_kernels_agree_with_the_reference_in_the_interpreter():
     errors = [float(x) for x in out.stdout.split()]
     # The interpreter rounds to FP8 less exactly than the GPU (2-3 % here, 0.3 % on an H200); a wrong index,
     # mask or stride gives errors of order 1.
-    assert len(errors) == 3 and max(errors) < 0.05, errors
+    assert len(errors) == 6 and max(errors) < 0.05, errors
+
+
+def test_fused_quantization_hands_the_kernel_the_layouts_it_reads():
+    """What a compiled graph computes instead of the quantization kernels: the reference's values, V
+    transposed to [B, H, D, L] and zero-padded to whole key blocks (the last P.V block reads past L)."""
+    from x2v.plugins import sage_attention as sage
+
+    q, k, v = (t.bfloat16() for t in realistic(1, 300, 2, 64))
+    q8, qs, k8, ks, v8, vs = sage.quantize_fused(q, k, v)
+    ref_q, ref_qs = sage.quantize_q(q)
+    ref_k, ref_ks = sage.quantize_k(k)
+    ref_v, ref_vs = sage.quantize_v(v)
+    assert torch.equal(q8, ref_q) and torch.equal(k8, ref_k)
+    assert qs.is_contiguous() and ks.is_contiguous() and torch.equal(qs, ref_qs) and torch.equal(ks, ref_ks)
+    assert v8.shape == (1, 2, 64, 384) and v8.is_contiguous() and torch.equal(vs, ref_vs)
+    assert torch.equal(v8[..., :300].float(), ref_v.transpose(-1, -2).float())
+    assert not v8[..., 300:].float().any()

@@ -1,0 +1,136 @@
+"""One full-size DiT block as an AOTInductor engine, per variant, with where its GPU time goes.
+
+    python bench/block_engine.py [--model i2v-14b-480p] [--out DIR]     (writes block_engine-<card>.json)
+
+One process, one block of the model at its sample size (random weights, FP8 scales from one max-calibration
+forward), the same inputs for every variant:
+  bf16-sdpa       bf16 linears, SDPA
+  fp8-sdpa        FP8 linears (torch._scaled_mm), SDPA
+  fp8-sage        FP8 + SageAttention as the engines measured so far: tile autotuned inside the package,
+                  quantization by the op's own kernels
+  fp8-sage-tile   the same with the tile pinned (no autotuning at build)
+  fp8-sage-fused  pinned tile, quantization as torch ops that Inductor fuses into the norm/RoPE kernels
+Per variant: build seconds, block time (median of device-event timings), a profiler breakdown of one call
+by kernel kind, and parity against the eager block of the same variant. The SageAttention op is also
+timed alone (eager and as a package per variant) at the self-attention shape, to separate the op from
+what the compiler does around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench.attention import make_inputs, sdpa
+from bench.common import kernel_breakdown, rel_err, time_cuda, write_result
+from bench.dit_forward import inputs, random_dit
+from bench.engine_forward import ORDER, load_pt2, max_calibrated_fp8
+from x2v.plugins import sage_attention as sage
+from x2v.runtime.config import load_model_config
+
+TILE = {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}  # the best tile of every H200 sweep so far
+VARIANTS = {  # name: (model, attention, sage tile, traced quantization)
+    "bf16-sdpa": ("bf16", "sdpa", None, "kernels"),
+    "fp8-sdpa": ("fp8", "sdpa", None, "kernels"),
+    "fp8-sage": ("fp8", "sage_op", None, "kernels"),
+    "fp8-sage-tile": ("fp8", "sage_op", TILE, "kernels"),
+    "fp8-sage-fused": ("fp8", "sage_op", TILE, "fused"),
+}
+
+
+def op_alone(n, h, d, directory: Path, reps: int) -> dict:
+    """The op at the self-attention shape: eager, and compiled into a package per (tile, quantization)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = make_inputs(1, h, n, d, "realistic", gen)
+    res = {"sdpa_ms": time_cuda(lambda: sdpa(q, k, v), 2, reps)["median_ms"]}
+    sage.TILE, sage.TRACED_QUANT = None, "kernels"
+    eager = sage.sage_attention(q, k, v)
+    res["eager"] = {"ms": time_cuda(lambda: sage.sage_attention(q, k, v), 2, reps)["median_ms"],
+                    "kernels": kernel_breakdown(lambda: sage.sage_attention(q, k, v))}  # fmt: skip
+    from x2v.plugins import sage_kernels
+
+    res["eager"]["autotuned_tile"] = str(getattr(sage_kernels.attn_kernel, "best_config", None))
+    print("op eager", json.dumps(res["eager"]), flush=True)
+
+    class Op(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.ops.x2v.sage_attention(q, k, v)
+
+    for name, tile, quant in (("autotuned", None, "kernels"), ("tile", TILE, "kernels"), ("fused", TILE, "fused")):
+        sage.TILE, sage.TRACED_QUANT = tile, quant
+        t0 = time.perf_counter()
+        ep = torch.export.export(Op(), (q, k, v), strict=False)
+        path = directory / f"sage-{name}.pt2"
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
+        op = load_pt2(path)
+        r = {"build_s": time.perf_counter() - t0, "vs_eager": rel_err(op(q, k, v).float(), eager.float()),
+             "ms": time_cuda(lambda op=op: op(q, k, v), 2, reps)["median_ms"],
+             "kernels": kernel_breakdown(lambda op=op: op(q, k, v))}  # fmt: skip
+        res[f"aoti-{name}"] = r
+        print(f"op aoti-{name}", json.dumps(r), flush=True)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="i2v-14b-480p")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--dir", default="/tmp/x2v-block")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args()
+    from x2v.export import engines as E
+
+    cfg = load_model_config(args.model)
+    cfg = dataclasses.replace(cfg, dit=dataclasses.replace(cfg.dit, num_layers=1))
+    d = Path(args.dir)
+    d.mkdir(parents=True, exist_ok=True)
+    res = {"model": cfg.name, "tile": TILE, "variants": {}}
+    torch.manual_seed(0)
+    models = {"bf16": random_dit(cfg)}
+    x = inputs(cfg, cfg.sample.frames, cfg.sample.height, cfg.sample.width)
+    shape = x["x"].shape
+    with torch.no_grad():
+        pre_out = models["bf16"].pre(*(x[a] for a in ORDER))
+        tokens, e, e0, ctx, cos, sin = pre_out
+        n = tokens.shape[1]
+        res["tokens"] = n
+        res["op"] = op_alone(n, cfg.dit.num_heads, cfg.dit.head_dim, d, args.reps)
+        models["fp8"] = max_calibrated_fp8(models["bf16"], cfg, x)
+        for name in args.variants.split(","):
+            kind, attn, tile, quant = VARIANTS[name]
+            model = models[kind].configure(torch.bfloat16, attn)
+            sage.TILE, sage.TRACED_QUANT = None, "kernels"
+            eager = model.blocks[0](tokens, e0, ctx, cos, sin).float()
+            sage.TILE, sage.TRACED_QUANT = tile, quant
+            t0 = time.perf_counter()
+            path = d / f"block-{name}.pt2"
+            E.export_aoti(model, "block", shape, path, "cuda")
+            r = {"build_s": time.perf_counter() - t0}
+            blk = load_pt2(path)
+            args0 = (tokens, e0, ctx, cos, sin, *E.engine_weights(model, "block"))
+            r["vs_eager"] = rel_err(blk(*args0).float(), eager)
+            r["ms"] = time_cuda(lambda blk=blk: blk(*args0), 3, args.reps)
+            r["kernels"] = kernel_breakdown(lambda blk=blk: blk(*args0), top=16)
+            res["variants"][name] = r
+            print(name, json.dumps(r), flush=True)
+            write_result("block_engine", res, args.out)
+    v = {k: r["ms"]["median_ms"] for k, r in res["variants"].items()}
+    attn = {k: sum(ms for kind, ms in r["kernels"]["by_kind_ms"].items() if "attention" in kind)
+            for k, r in res["variants"].items()}  # fmt: skip
+    res["summary"] = {k: {"block_ms": v[k], "attention_ms": attn[k], "rest_ms": v[k] - attn[k]} for k in v}
+    if "bf16-sdpa" in v and "fp8-sdpa" in v:
+        res["summary"]["fp8/bf16 rest (linear and elementwise)"] = (
+            res["summary"]["fp8-sdpa"]["rest_ms"] / res["summary"]["bf16-sdpa"]["rest_ms"]
+        )
+    print("summary", json.dumps(res["summary"]), flush=True)
+    print(f"wrote {write_result('block_engine', res, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
