@@ -61,7 +61,11 @@ def op_alone(n, h, d, directory: Path, reps: int) -> dict:
         def forward(self, q, k, v):
             return torch.ops.x2v.sage_attention(q, k, v)
 
-    for name, tile, quant in (("autotuned", None, "kernels"), ("tile", TILE, "kernels"), ("fused", TILE, "fused")):
+    for name, tile, quant in (
+        ("autotuned", None, "kernels"),
+        ("tile", TILE, "kernels"),
+        ("fused", TILE, "fused"),
+    ):
         sage.TILE, sage.TRACED_QUANT = tile, quant
         t0 = time.perf_counter()
         ep = torch.export.export(Op(), (q, k, v), strict=False)
@@ -115,8 +119,8 @@ def main():
             blk = load_pt2(path)
             args0 = (tokens, e0, ctx, cos, sin, *E.engine_weights(model, "block"))
             r["vs_eager"] = rel_err(blk(*args0).float(), eager)
-            r["ms"] = time_cuda(lambda blk=blk: blk(*args0), 3, args.reps)
-            r["kernels"] = kernel_breakdown(lambda blk=blk: blk(*args0), top=16)
+            r["ms"] = time_cuda(lambda blk=blk, a=args0: blk(*a), 3, args.reps)
+            r["kernels"] = kernel_breakdown(lambda blk=blk, a=args0: blk(*a), top=16)
             res["variants"][name] = r
             print(name, json.dumps(r), flush=True)
             write_result("block_engine", res, args.out)

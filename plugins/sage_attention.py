@@ -169,7 +169,9 @@ def attend(q8, qs, k8, ks, v8, v_scale, out, wrap, kernel, **config):
         out.stride(0), out.stride(1), out.stride(2), D=d, KS_BLOCK=BLOCK_N, **{"BLOCK_N": BLOCK_N, **config})  # fmt: skip
 
 
-def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wrap, kernel, quant=None, **config) -> torch.Tensor:
+def launch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wrap, kernel, quant=None, **config
+) -> torch.Tensor:
     """Quantize (`quant`: quantize_pass by default), then attend with `kernel` (sage_kernels.attn_kernel,
     autotuned; attn_body with `config`)."""
     out = torch.empty_like(q)
