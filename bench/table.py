@@ -64,7 +64,17 @@ def load_row(row: str, cfg, ckpt: Path, engines: Path | None, device: str):
     if row.startswith("fp8") or row == "distill":
         if engines is None:
             raise SystemExit(f"row {row} runs the built engines: pass --engines (x2v-export build --out ...)")
-        return Pipeline.from_engines(engines, ckpt)
+        import cProfile
+        import io
+        import pstats
+
+        # The engine load was 46-59 s against the torch rows' 11 s for twice the DiT bytes: keep where it goes.
+        prof = cProfile.Profile()
+        pipe = prof.runcall(Pipeline.from_engines, engines, ckpt)
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(25)
+        pipe.load_profile = text.getvalue().splitlines()[-40:]
+        return pipe
     cuda = device == "cuda"
     t0 = time.perf_counter()
     half = torch.bfloat16 if cuda else torch.float32
@@ -163,6 +173,8 @@ def run_row(args) -> dict:
     row = {"row": args.row, "model": cfg.name, "steps": result.steps_total, "steps_computed": result.steps_computed,
            "full_steps": full, "teacache": result.teacache, "load_s": pipe.load_s, "load_phases": pipe.load_phases, "e2e_s": e2e,
            **{k: v for k, v in result.timings.items() if k != "load_s"}}  # fmt: skip
+    if hasattr(pipe, "load_profile"):
+        row["load_profile"] = pipe.load_profile
     row["step_s"] = [float(d) for d in np.diff(marks)]  # steps 2..n (the first has no start mark in the loop)
     projected = projected_s(row)
     if projected is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from x2v.export import engines as E
+from x2v.plugins import sage_attention as sage
 from x2v.runtime.checkpoint import CheckpointError, identity, resolve
 from x2v.runtime.config import ConfigError, current_gpu, load_gpu_config, load_model_config
 from x2v.runtime.engines import FORMAT, MANIFEST, dtype_name, sha256_file
@@ -166,24 +167,26 @@ def build(model: str, ckpt: Path, gpu: str, out: Path, precision: str | None = N
     # `time` does not depend on the resolution: it is traced at a minimal latent of one patch grid
     minimal = (1, cfg.vae.z_dim, 1, 2 * cfg.dit.patch_size[1], 2 * cfg.dit.patch_size[2])
     jobs = [("time", None)] + [(e, s) for s in shapes for e in ("pre", "block", "post")]
-    for engine, shape in jobs:
-        key, file, digest = job(engine, shape, ext, common)
-        if prev := reuse(old, key, digest, out / file, log):
-            entries[key] = prev
-            continue
-        t1 = time.perf_counter()
-        latent = minimal if shape is None else latent_shape(cfg, shape)
-        names, acts = E.example_inputs(dit, engine, latent, g.device, compute)
-        if backend == "aoti":
-            E.export_aoti(dit, engine, latent, out / file, g.device, inductor)
-        else:
-            E.export_onnx(dit, engine, latent, out / Path(file).with_suffix(".onnx"), g.device)
-            if backend == "tensorrt":
-                compile_onnx(out / Path(file).with_suffix(".onnx"), out / file, g)
-        wstate = (dit.blocks[0] if engine == "block" else dit).state_dict()
-        weights = [[n, dtype_name(wstate[n].dtype)] for n in E.weight_names(dit, engine)]
-        entries[key] = entry(out / file, digest, names, acts, E.OUTPUTS[engine], weights,
-                             time.perf_counter() - t1, log, key)  # fmt: skip
+    # The GPU's measured SageAttention tile (configs/gpus): no autotuning inside each engine build.
+    with sage.pinned_tile(g.sage_tile):
+        for engine, shape in jobs:
+            key, file, digest = job(engine, shape, ext, common)
+            if prev := reuse(old, key, digest, out / file, log):
+                entries[key] = prev
+                continue
+            t1 = time.perf_counter()
+            latent = minimal if shape is None else latent_shape(cfg, shape)
+            names, acts = E.example_inputs(dit, engine, latent, g.device, compute)
+            if backend == "aoti":
+                E.export_aoti(dit, engine, latent, out / file, g.device, inductor)
+            else:
+                E.export_onnx(dit, engine, latent, out / Path(file).with_suffix(".onnx"), g.device)
+                if backend == "tensorrt":
+                    compile_onnx(out / Path(file).with_suffix(".onnx"), out / file, g)
+            wstate = (dit.blocks[0] if engine == "block" else dit).state_dict()
+            weights = [[n, dtype_name(wstate[n].dtype)] for n in E.weight_names(dit, engine)]
+            entries[key] = entry(out / file, digest, names, acts, E.OUTPUTS[engine], weights,
+                                 time.perf_counter() - t1, log, key)  # fmt: skip
     if backend != "aoti" and not dit_only:  # encoders and VAE as ONNX engines (AOTInductor: torch modules)
         entries.update(build_aux(cfg, ckpt, out, shapes, g, compute, backend, common, old, log))
     manifest = {

@@ -11,6 +11,7 @@ the kernels are tested against, and what the ONNX custom node means.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -186,6 +187,17 @@ def launch(
 # a compiler traces the op. Eager calls always use the quantization kernels.
 TILE: dict | None = None
 TRACED_QUANT = "fused"
+
+
+@contextlib.contextmanager
+def pinned_tile(tile: dict | None):
+    """Compile graphs holding the op with this attention tile (None: autotune inside each graph)."""
+    global TILE
+    old, TILE = TILE, tile
+    try:
+        yield
+    finally:
+        TILE = old
 
 
 def _traced(t: torch.Tensor) -> bool:

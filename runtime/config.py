@@ -257,6 +257,9 @@ class GPUConfig:
     vae_chunk: int = 1
     vae_tile: int | None = None  # spatial VAE decode tile in latents (None: whole frames)
     encoders: str = "resident"  # umT5/CLIP weights: resident on the GPU, stream (host, a block at a time), host (run on CPU)
+    sage_tile: dict | None = (
+        None  # SageAttention tile {BLOCK_M, num_warps, num_stages} engines are built with; None autotunes
+    )
 
     @property
     def device(self) -> str:
@@ -283,6 +286,13 @@ def load_gpu_config(name: str) -> GPUConfig:
         raise ConfigError(f"{path}: backend must be aoti, tensorrt or onnx, found {cfg.backend!r}")
     if cfg.encoders not in ("resident", "stream", "host"):
         raise ConfigError(f"{path}: encoders must be resident, stream or host, found {cfg.encoders!r}")
+    tile = cfg.sage_tile
+    if tile is not None and (
+        not isinstance(tile, dict) or set(tile) != {"BLOCK_M", "num_warps", "num_stages"}
+    ):
+        raise ConfigError(
+            f"{path}: sage_tile must map BLOCK_M, num_warps and num_stages to integers, found {tile!r}"
+        )
     return cfg
 
 

@@ -194,6 +194,32 @@ def test_runtime_only_gpu_settings_rebuild_nothing(tiny_ckpt, engines, tmp_path,
     assert sum("up to date" in s for s in logs) == 8
 
 
+def test_engines_compile_with_the_gpus_sage_tile(tiny_ckpt, engines, tmp_path, monkeypatch):
+    """configs/gpus/<name>.yaml pins the SageAttention tile its sweep measured best: every engine compiles with
+    it (no autotuning inside the build), a changed tile rebuilds them, and the setting does not outlive build."""
+    from dataclasses import replace
+
+    from x2v.export import build as B
+    from x2v.plugins import sage_attention as sage
+
+    tile = {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}
+    monkeypatch.setattr(B, "load_gpu_config", lambda name: replace(load_gpu_config("cpu"), sage_tile=tile))
+    seen, export = [], B.E.export_onnx
+    monkeypatch.setattr(B.E, "export_onnx", lambda *a, **k: (seen.append(sage.TILE), export(*a, **k))[1])
+    build("tiny", tiny_ckpt, "cpu", copy_engines(engines, tmp_path), dit_only=True, log=lambda s: None)
+    assert seen == [tile] * 4 and sage.TILE is None
+
+
+def test_a_malformed_sage_tile_is_refused(tmp_path, monkeypatch):
+    from x2v.runtime import config as C
+
+    (tmp_path / "gpus").mkdir()
+    (tmp_path / "gpus" / "odd.yaml").write_text("capability: [9, 0]\nsage_tile: {BLOCK_M: 64, warps: 4}\n")
+    monkeypatch.setattr(C, "CONFIG_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="odd.yaml: sage_tile must map BLOCK_M, num_warps and num_stages"):
+        load_gpu_config("odd")
+
+
 def test_build_refuses_what_it_cannot_honour(tiny_ckpt, tmp_path):
     with pytest.raises(ConfigError, match="unknown GPU 'h300'; known GPUs: a100, cpu, h100, h200, rtx4090"):
         build("tiny", tiny_ckpt, "h300", tmp_path)

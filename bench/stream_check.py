@@ -1,0 +1,61 @@
+"""Streamed umT5 on a GPU at full size: same output as resident, what pinning costs at load, what a call costs.
+
+    python bench/stream_check.py [--out DIR]     (writes stream_check-<card>.json)
+
+The GPU configs' `encoders: stream` keeps umT5-XXL (11.4 GB in bf16) in pinned host memory and copies one block
+at a time to the GPU (runtime/offload.py). Random weights: the copy and compute costs do not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench.common import time_cuda, write_result
+from x2v.export.load import build
+from x2v.runtime.config import load_model_config
+from x2v.runtime.offload import stream, stream_units
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="i2v-14b-480p")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    cfg = load_model_config(args.model)
+    res = {"model": cfg.name}
+    t5 = build("t5", cfg).to_empty(device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for p in t5.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, device="cuda") * 0.02)
+    t5 = t5.to(torch.bfloat16).eval().requires_grad_(False)
+    res["weights_gb"] = sum(p.numel() * p.element_size() for p in t5.parameters()) / 1e9
+    ids = torch.randint(0, cfg.t5.vocab, (2, cfg.dit.text_len), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, 40:] = 0
+    with torch.no_grad():
+        ref = t5(ids, mask)
+        res["resident_ms"] = time_cuda(lambda: t5(ids, mask), 1, 3)["median_ms"]
+        t0 = time.perf_counter()
+        t5 = t5.cpu()
+        res["to_host_s"] = time.perf_counter() - t0
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        streamed = stream(t5, stream_units("t5", t5), "cuda")
+        torch.cuda.synchronize()
+        res["pin_s"] = time.perf_counter() - t0
+        torch.cuda.reset_peak_memory_stats()
+        out = streamed(ids, mask)
+        res["peak_gb_above_resident_parts"] = (torch.cuda.max_memory_allocated() - base) / 1e9
+        res["max_abs_diff_vs_resident"] = (out.float() - ref.float()).abs().max().item()
+        res["streamed_ms"] = time_cuda(lambda: streamed(ids, mask), 1, 3)["median_ms"]
+    print(res, flush=True)
+    print(f"wrote {write_result('stream_check', res, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
