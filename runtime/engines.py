@@ -131,7 +131,7 @@ def probe_aoti(path: Path) -> None:
 
     if "libstdc++" in os.environ.get("LD_PRELOAD", "") or os.environ.get("X2V_AOTI_PROBE") == "0":
         return
-    code = f"from torch._inductor import aoti_load_package; aoti_load_package({str(path)!r})"
+    code = f"import torch; torch._C._aoti.AOTIModelPackageLoader({str(path)!r}, 'model', False, 1, -1)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode < 0:  # killed by a signal
         raise EngineError(
@@ -142,13 +142,16 @@ def probe_aoti(path: Path) -> None:
 
 
 def _aoti(path: Path, device):
-    from torch._inductor import aoti_load_package
-
+    """An AOTInductor package through its C++ loader. Not torch's aoti_load_package: before loading, that
+    compares the package's CPU vector ISA with this machine's by compiling and running test programs in ten
+    Python subprocesses, 40 of the 46-66 s engine load measured on an H200 (bench/results/table/h200/fp8.json,
+    load_profile); check() has matched the GPU and the torch version already. boxed_run takes the flat
+    tensor list our engines are called with (no pytree round trip per block call)."""
     if not getattr(probe_aoti, "_done", False):
         probe_aoti(path)
         probe_aoti._done = True
-    runner = aoti_load_package(str(path))
-    return lambda *args: runner(*args)
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    return lambda *args: loader.boxed_run(list(args))
 
 
 def _ort(path: Path, device):
