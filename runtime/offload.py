@@ -97,12 +97,6 @@ def stream(module: nn.Module, units: list[nn.Module], device) -> nn.Module:
         if id(t) not in streamed:
             _put(m, name, t.data.to(device), is_param)
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
-    if side is not None:
-        # Page-lock with cudaHostRegister, the pages touched by 8 threads, instead of a cudaHostAlloc per
-        # tensor: the default took 8.3 s for umT5's 11.4 GB on an H200 (bench/results/stream_check-h200.json).
-        torch.cuda.memory._set_allocator_settings(
-            "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
-        )
     plan = [_Unit(u, device) for u in units]
 
     def before(i):
