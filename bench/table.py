@@ -276,6 +276,10 @@ def render(args) -> Path:
               "fp8-teacache: TeaCache 0.2 on random weights; how many steps a full schedule computes depends on the "
               "trajectory, so it is neither projected nor compared. distill: the 4-step model, no guidance (its own "
               "full schedule), so it has no fidelity against the 40-step baseline."]  # fmt: skip
+    phases = [f"{n} " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in rows[n]["load_phases"].items())
+              for n in ROWS if rows.get(n, {}).get("load_phases")]  # fmt: skip
+    if phases:
+        lines.append("Load phases (s): " + "; ".join(phases) + ".")
     md = root / f"table-{card}.md"
     md.write_text("\n".join(lines) + "\n")
     # The rows as measured, plus what the table shows that is derived (rows store the projection of the code

@@ -81,6 +81,7 @@ def main():
             )
         res["steps"][name] = step
         print(name, {k: v for k, v in step.items() if k != "trace"}, flush=True)
+        write_result("tensorrt_build", res, args.out)  # after every step: a builder crash kills the process
     print(f"wrote {write_result('tensorrt_build', res, args.out)}")
 
 
