@@ -145,7 +145,7 @@ def quantize_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """quantize_pass's outputs computed with torch ops (the reference math): what the op traces to under a
     compiler, so Inductor fuses the quantization into the kernels that produce q and k (norm, RoPE) instead
     of writing them in bf16 for quantization kernels to read back."""
-    b, lk, h, d = k.shape
+    lk = k.shape[1]
     q8, qs = quantize_q(q)
     k8, ks = quantize_k(k)
     x = v.float()

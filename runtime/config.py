@@ -257,9 +257,8 @@ class GPUConfig:
     vae_chunk: int = 1
     vae_tile: int | None = None  # spatial VAE decode tile in latents (None: whole frames)
     encoders: str = "resident"  # umT5/CLIP weights: resident on the GPU, stream (host, a block at a time), host (run on CPU)
-    sage_tile: dict | None = (
-        None  # SageAttention tile {BLOCK_M, num_warps, num_stages} engines are built with; None autotunes
-    )
+    # SageAttention tile {BLOCK_M, num_warps, num_stages} the engines compile with; None autotunes at each build
+    sage_tile: dict | None = None
 
     @property
     def device(self) -> str:
