@@ -24,9 +24,9 @@ from x2v.runtime.engines import FORMAT, MANIFEST, dtype_name, sha256_file
 SOURCES = ("export/dit.py", "export/engines.py", "export/fp8.py", "export/onnx_ops.py",
            "plugins/sage_attention.py", "plugins/sage_kernels.py")  # fmt: skip
 ROOT = Path(__file__).resolve().parent.parent
-# GPU-config settings the runtime applies (VAE decode chunk and tile, where the encoders keep their weights):
+# GPU-config settings the runtime applies (VAE decode chunk and tile, where encoder and DiT weights live):
 # changing them rebuilds no engine.
-RUNTIME_ONLY = ("vae_chunk", "vae_tile", "encoders")
+RUNTIME_ONLY = ("vae_chunk", "vae_tile", "encoders", "dit_weights")
 
 
 class BuildError(ValueError):

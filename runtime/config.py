@@ -257,6 +257,9 @@ class GPUConfig:
     vae_chunk: int = 1
     vae_tile: int | None = None  # spatial VAE decode tile in latents (None: whole frames)
     encoders: str = "resident"  # umT5/CLIP weights: resident on the GPU, stream (host, a block at a time), host (run on CPU)
+    dit_weights: str = (
+        "resident"  # DiT block weights: resident on the GPU, or stream (pinned host, two blocks on the GPU)
+    )
     # SageAttention tile {BLOCK_M, num_warps, num_stages} the engines compile with; None autotunes at each build
     sage_tile: dict | None = None
 
@@ -285,6 +288,8 @@ def load_gpu_config(name: str) -> GPUConfig:
         raise ConfigError(f"{path}: backend must be aoti, tensorrt or onnx, found {cfg.backend!r}")
     if cfg.encoders not in ("resident", "stream", "host"):
         raise ConfigError(f"{path}: encoders must be resident, stream or host, found {cfg.encoders!r}")
+    if cfg.dit_weights not in ("resident", "stream"):
+        raise ConfigError(f"{path}: dit_weights must be resident or stream, found {cfg.dit_weights!r}")
     tile = cfg.sage_tile
     if tile is not None and (
         not isinstance(tile, dict) or set(tile) != {"BLOCK_M", "num_warps", "num_stages"}

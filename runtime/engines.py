@@ -303,9 +303,11 @@ class EngineDiT:
 
 
 def load(directory: Path, ckpt: Path | None = None, device=None, verify_engines: bool = True,
-         phases: dict | None = None):  # fmt: skip
+         phases: dict | None = None, dit_weights: str | None = None):  # fmt: skip
     """-> (EngineDiT, manifest, checkpoint directory, {"t5"/"clip"/"vae": engine wrappers, where built}).
-    Checks everything before reading any weight. `phases`, if given, receives the seconds of each phase."""
+    Checks everything before reading any weight. `phases`, if given, receives the seconds of each phase.
+    dit_weights: "resident" (on the device) or "stream" (blocks from pinned host memory, offload.BlockWeights);
+    default: the GPU config's on a GPU, resident on the CPU."""
     phases = {} if phases is None else phases
     lap = _laps(phases)
     directory = Path(directory)
@@ -323,8 +325,16 @@ def load(directory: Path, ckpt: Path | None = None, device=None, verify_engines:
     block_dt = {n: DTYPES[d] for n, d in first("block")["weights"]}
     dt = {n: DTYPES[d] for k, e in m["engines"].items() if not k.startswith("block") for n, d in e["weights"]}
     pick = lambda key: block_dt[key.split(".", 2)[2]] if key.startswith("blocks.") else dt.get(key)
-    state, _ = read_state_dict(resolve(ckpt, m["checkpoint"]["dit_file"]), pick, device)
-    state = {k: v.to(device) for k, v in state.items()}  # a .pth DiT is read to the CPU
+    if dit_weights is None:
+        from x2v.runtime.config import load_gpu_config
+
+        dit_weights = load_gpu_config(m["gpu"]).dit_weights if device.type == "cuda" else "resident"
+    if dit_weights not in ("resident", "stream"):
+        raise EngineError(f"dit_weights must be resident or stream, not {dit_weights!r}")
+    stream = dit_weights == "stream"
+    state, _ = read_state_dict(resolve(ckpt, m["checkpoint"]["dit_file"]), pick, "cpu" if stream else device)
+    # a .pth DiT is read to the CPU; streamed blocks stay there
+    state = {k: v if stream and k.startswith("blocks.") else v.to(device) for k, v in state.items()}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     lap("dit_weights_s")
@@ -335,6 +345,13 @@ def load(directory: Path, ckpt: Path | None = None, device=None, verify_engines:
         "blocks": [[state[f"blocks.{i}.{n}"] for n, _ in first("block")["weights"]]
                    for i in range(m["model_config"]["dit"]["num_layers"])],
     }  # fmt: skip
+    if stream:
+        from x2v.runtime.offload import BlockWeights
+
+        weights["blocks"] = BlockWeights(weights["blocks"], device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        lap("dit_pin_s")
     engines = {key: loader(directory / e["file"], device) for key, e in m["engines"].items()}
     lap("engines_s")
     aux = {}
