@@ -13,7 +13,8 @@ forward), the same inputs for every variant:
 Per variant: build seconds, block time (median of device-event timings), a profiler breakdown of one call
 by kernel kind, and parity against the eager block of the same variant. The SageAttention op is also
 timed alone (eager and as a package per variant) at the self-attention shape, to separate the op from
-what the compiler does around it.
+what the compiler does around it. Last, the last variant's engine runs the model's 40 blocks with the weights
+resident and streamed from pinned host memory (`dit_weights: stream`): time, equality and peak memory.
 """
 
 from __future__ import annotations
@@ -80,6 +81,32 @@ def op_alone(n, h, d, directory: Path, reps: int) -> dict:
     return res
 
 
+def streamed_forward(blk, acts, weights, n: int, reps: int) -> dict:
+    """The last variant's engine over n blocks (all with this block's weights), the weights resident and
+    streamed from pinned host memory (GPU configs' `dit_weights: stream`): time, equality, peak memory."""
+    from x2v.runtime.offload import BlockWeights
+
+    def forward(blocks):
+        t = acts[0]
+        for w in blocks:
+            t = blk(t, *acts[1:], *w)
+        return t
+
+    resident = [weights] * n
+    t0 = time.perf_counter()
+    streamed = BlockWeights([[w.cpu() for w in weights] for _ in range(n)], "cuda")
+    torch.cuda.synchronize()
+    r = {"blocks": n, "pin_s": time.perf_counter() - t0}
+    ref = forward(resident)
+    torch.cuda.reset_peak_memory_stats()
+    out = forward(streamed)
+    r["peak_gb_streamed"] = torch.cuda.max_memory_allocated() / 1e9
+    r["equal"] = bool(torch.equal(out, ref))
+    r["resident_ms"] = time_cuda(lambda: forward(resident), 1, reps)
+    r["streamed_ms"] = time_cuda(lambda: forward(streamed), 1, reps)
+    return r
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="i2v-14b-480p")
@@ -87,10 +114,13 @@ def main():
     ap.add_argument("--dir", default="/tmp/x2v-block")
     ap.add_argument("--out", default=None)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--no-streamed", dest="streamed", action="store_false",
+                    help="skip the 40-block forward with weights streamed from host memory")  # fmt: skip
     args = ap.parse_args()
     from x2v.export import engines as E
 
     cfg = load_model_config(args.model)
+    cfg_layers = cfg.dit.num_layers
     cfg = dataclasses.replace(cfg, dit=dataclasses.replace(cfg.dit, num_layers=1))
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -124,6 +154,10 @@ def main():
             res["variants"][name] = r
             print(name, json.dumps(r), flush=True)
             write_result("block_engine", res, args.out)
+        if args.streamed:
+            res["streamed"] = streamed_forward(blk, (tokens, e0, ctx, cos, sin), E.engine_weights(model, "block"),
+                                               cfg_layers, args.reps)  # fmt: skip
+            print("streamed", json.dumps(res["streamed"]), flush=True)
     v = {k: r["ms"]["median_ms"] for k, r in res["variants"].items()}
     attn = {k: sum(ms for kind, ms in r["kernels"]["by_kind_ms"].items() if "attention" in kind)
             for k, r in res["variants"].items()}  # fmt: skip
