@@ -249,8 +249,8 @@ def render(args) -> Path:
         f"# x2v speed table: {card}",
         "",
         "| row | steps | load s | end-to-end s | projected full s | peak GB (denoise) | speedup | latents rel L2 | video PSNR dB | "
-        "pre / blocks / post ms (one step) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "pre / blocks / post ms (one step) | encode / decode s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v, spec: "-" if v is None or v != v else format(v, spec)  # noqa: E731 (None, NaN -> "-")
     peak = lambda r: (
@@ -264,7 +264,8 @@ def render(args) -> Path:
             f"{r['e2e_s']:.1f} | {fmt(projected_s(r), '.1f')} | {peak(r)} | "
             f"{speedup(r, base)} | {fmt(r.get('latents_rel_l2_vs_baseline'), '.3f')} | "
             f"{fmt(r.get('video_psnr_vs_baseline_db'), '.1f')} | "
-            f"{b['pre_ms']:.0f} / {b['blocks_ms']:.0f} / {b['post_ms']:.0f} |"
+            f"{b['pre_ms']:.0f} / {b['blocks_ms']:.0f} / {b['post_ms']:.0f} | "
+            f"{r['encode_s']:.2f} / {r['decode_s']:.2f} |"
         )
     env = next(iter(rows.values()))["env"]
     commits = ", ".join(sorted({r["env"]["git_commit"][:7] for r in rows.values()}))
