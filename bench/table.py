@@ -129,6 +129,34 @@ def request_profile(cfg) -> str:
     return f"{s.frames}x{h}x{w}"
 
 
+@contextlib.contextmanager
+def driver_peak(record: dict, period_s: float = 0.05):
+    """The driver's view of GPU memory: the device's used memory (torch.cuda.mem_get_info: the CUDA context,
+    the caching allocator's reserve and any other process) sampled every `period_s` on a thread while the
+    block runs; its maximum goes to record["peak_driver_gb"]. Nothing on a machine without CUDA."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    import threading
+
+    stop, peak = threading.Event(), [0]
+
+    def poll():
+        while not stop.is_set():
+            free, total = torch.cuda.mem_get_info()
+            peak[0] = max(peak[0], total - free)
+            stop.wait(period_s)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        record["peak_driver_gb"] = peak[0] / 1e9
+
+
 def run_row(args) -> dict:
     from safetensors.torch import load_file, save_file
 
@@ -163,8 +191,9 @@ def run_row(args) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     marks = []  # wall time at the end of every step: per-step times exclude the first (warm-up) step
+    driver = {}
     t0 = time.perf_counter()
-    with autocast:
+    with autocast, driver_peak(driver):
         result = pipe.generate(image=IMAGE if cfg.dit.i2v else None, prompt=PROMPT,
                                progress=lambda i: (sync(), marks.append(time.perf_counter())), **kw)  # fmt: skip
         mp4 = work / f"{args.row}.mp4"
@@ -172,7 +201,7 @@ def run_row(args) -> dict:
     e2e = time.perf_counter() - t0
     row = {"row": args.row, "model": cfg.name, "steps": result.steps_total, "steps_computed": result.steps_computed,
            "full_steps": full, "teacache": result.teacache, "load_s": pipe.load_s, "load_phases": pipe.load_phases, "e2e_s": e2e,
-           **{k: v for k, v in result.timings.items() if k != "load_s"}}  # fmt: skip
+           **{k: v for k, v in result.timings.items() if k != "load_s"}, **driver}  # fmt: skip
     if hasattr(pipe, "load_profile"):
         row["load_profile"] = pipe.load_profile
     row["step_s"] = [float(d) for d in np.diff(marks)]  # steps 2..n (the first has no start mark in the loop)
@@ -248,9 +277,9 @@ def render(args) -> Path:
     lines = [
         f"# x2v speed table: {card}",
         "",
-        "| row | steps | load s | end-to-end s | projected full s | peak GB (denoise) | speedup | latents rel L2 | video PSNR dB | "
+        "| row | steps | load s | end-to-end s | projected full s | peak GB (denoise) | reserved / driver GB | speedup | latents rel L2 | video PSNR dB | "
         "pre / blocks / post ms (one step) | encode / decode s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v, spec: "-" if v is None or v != v else format(v, spec)  # noqa: E731 (None, NaN -> "-")
     peak = lambda r: (
@@ -261,7 +290,7 @@ def render(args) -> Path:
         b = r["step_breakdown"]
         lines.append(
             f"| {name} | {r['steps_computed']}/{r['steps']} of {r['full_steps']} | {r['load_s']:.1f} | "
-            f"{r['e2e_s']:.1f} | {fmt(projected_s(r), '.1f')} | {peak(r)} | "
+            f"{r['e2e_s']:.1f} | {fmt(projected_s(r), '.1f')} | {peak(r)} | {fmt(r.get('peak_reserved_gb'), '.1f')} / {fmt(r.get('peak_driver_gb'), '.1f')} | "
             f"{speedup(r, base)} | {fmt(r.get('latents_rel_l2_vs_baseline'), '.3f')} | "
             f"{fmt(r.get('video_psnr_vs_baseline_db'), '.1f')} | "
             f"{b['pre_ms']:.0f} / {b['blocks_ms']:.0f} / {b['post_ms']:.0f} | "
@@ -273,7 +302,8 @@ def render(args) -> Path:
               "Speedup: baseline end-to-end / row end-to-end, both over the full schedule (projected where fewer steps "
               "ran: the measured run plus the missing steps at the median of steps 2..n, computed and skipped steps apart).",
               "Peak: GPU memory allocated at most over the request; in parentheses the denoising phase's (the DiT's weights "
-              "and activations plus whatever stays resident), where recorded.",
+              "and activations plus whatever stays resident), where recorded. Reserved: the caching allocator's reserve at "
+              "most; driver: the device's used memory at most (CUDA context included), sampled every 50 ms, where recorded.",
               "fp8-teacache: TeaCache 0.2 on random weights; how many steps a full schedule computes depends on the "
               "trajectory, so it is neither projected nor compared. distill: the 4-step model, no guidance (its own "
               "full schedule), so it has no fidelity against the 40-step baseline."]  # fmt: skip
