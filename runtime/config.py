@@ -257,9 +257,8 @@ class GPUConfig:
     vae_chunk: int = 1
     vae_tile: int | None = None  # spatial VAE decode tile in latents (None: whole frames)
     encoders: str = "resident"  # umT5/CLIP weights: resident on the GPU, stream (host, a block at a time), host (run on CPU)
-    dit_weights: str = (
-        "resident"  # DiT block weights: resident on the GPU, or stream (pinned host, two blocks on the GPU)
-    )
+    # DiT block weights: resident on the GPU, or stream (pinned host memory, two blocks on the GPU at a time)
+    dit_weights: str = "resident"
     # SageAttention tile {BLOCK_M, num_warps, num_stages} the engines compile with; None autotunes at each build
     sage_tile: dict | None = None
 
@@ -292,7 +291,9 @@ def load_gpu_config(name: str) -> GPUConfig:
         raise ConfigError(f"{path}: dit_weights must be resident or stream, found {cfg.dit_weights!r}")
     tile = cfg.sage_tile
     if tile is not None and (
-        not isinstance(tile, dict) or set(tile) != {"BLOCK_M", "num_warps", "num_stages"}
+        not isinstance(tile, dict)
+        or set(tile) != {"BLOCK_M", "num_warps", "num_stages"}
+        or not all(isinstance(v, int) and v > 0 for v in tile.values())
     ):
         raise ConfigError(
             f"{path}: sage_tile must map BLOCK_M, num_warps and num_stages to integers, found {tile!r}"
