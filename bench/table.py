@@ -68,7 +68,7 @@ def load_row(row: str, cfg, ckpt: Path, engines: Path | None, device: str):
         import io
         import pstats
 
-        # The engine load was 46-59 s against the torch rows' 11 s for twice the DiT bytes: keep where it goes.
+        # Where the engine load goes, kept with the row (it found 40 s of aoti_load_package's CPU-ISA probe).
         prof = cProfile.Profile()
         pipe = prof.runcall(Pipeline.from_engines, engines, ckpt)
         text = io.StringIO()
