@@ -1,13 +1,11 @@
-"""Streamed weights on a GPU at full size: what pinning costs at load and what a call costs.
+"""Streamed umT5 on a GPU at full size: same output as resident, what pinning costs at load, what a call costs.
 
-    python bench/stream_check.py [--out DIR]     (writes stream_check-<card>.json)
+    python bench/stream_check.py [--register-threads N] [--out DIR]     (writes stream_check-<card>.json)
 
-- `encoders: stream` keeps umT5-XXL (11.4 GB in bf16) in pinned host memory and copies one block at a time to
-  the GPU: same output as resident, pinning time, time of a call.
-- `dit_weights: stream` (runtime/offload.py BlockWeights): 40 blocks of an FP8 14B DiT's size (0.41 GB) with
-  a stand-in for each block's compute (GEMMs of the block's FLOPs, ~50 ms): the 40-block time with the
-  weights resident and streamed, i.e. whether the copies hide behind the compute.
-Random weights: the copy and compute costs do not depend on them.
+The GPU configs' `encoders: stream` keeps umT5-XXL (11.4 GB in bf16) in pinned host memory and copies one block
+at a time to the GPU (runtime/offload.py). Random weights: the copy and compute costs do not depend on them.
+The DiT's streamed blocks (`dit_weights: stream`) are measured with the real block engine by
+bench/block_engine.py.
 """
 
 from __future__ import annotations
@@ -20,31 +18,7 @@ import torch
 from bench.common import time_cuda, write_result
 from x2v.export.load import build
 from x2v.runtime.config import load_model_config
-from x2v.runtime.offload import BlockWeights, stream, stream_units
-
-
-def dit_blocks(n: int = 40, block_bytes: int = 410_000_000, tokens: int = 32760, dim: int = 5120) -> dict:
-    x = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(dim, dim, device="cuda", dtype=torch.bfloat16)
-    gemms = 12  # 12 x 2*32760*5120^2 = 20.6 TFLOP, about one FP8 block's GEMM work (here in bf16: ~28 ms)
-    host = [[torch.empty(block_bytes, dtype=torch.uint8)] for _ in range(n)]
-    t0 = time.perf_counter()
-    streamed = BlockWeights(host, "cuda")
-    torch.cuda.synchronize()
-    res = {"blocks": n, "block_gb": block_bytes / 1e9, "pin_s": time.perf_counter() - t0}
-    resident = [[h[0].to("cuda")] for h in streamed.host]
-
-    def run(blocks):
-        for ws in blocks:
-            y = ws[0][:1].float()  # the block reads its weights
-            for _ in range(gemms):
-                y = x @ w
-        return y
-
-    res["resident_ms"] = time_cuda(lambda: run(resident), 1, 3)["median_ms"]
-    res["streamed_ms"] = time_cuda(lambda: run(streamed), 1, 3)["median_ms"]
-    res["copy_only_ms"] = time_cuda(lambda: [None for _ in streamed], 1, 3)["median_ms"]
-    return res
+from x2v.runtime.offload import stream, stream_units
 
 
 def main():
@@ -87,9 +61,6 @@ def main():
         res["peak_gb_above_resident_parts"] = (torch.cuda.max_memory_allocated() - base) / 1e9
         res["max_abs_diff_vs_resident"] = (out.float() - ref.float()).abs().max().item()
         res["streamed_ms"] = time_cuda(lambda: streamed(ids, mask), 1, 3)["median_ms"]
-    t5 = streamed = None  # free the GPU and pinned memory before the DiT part
-    torch.cuda.empty_cache()
-    res["dit_blocks"] = dit_blocks()
     print(res, flush=True)
     name = "stream_check" + (f"_register{args.register_threads}" if args.register_threads else "")
     print(f"wrote {write_result(name, res, args.out)}")
