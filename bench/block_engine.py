@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from bench.attention import make_inputs, sdpa
-from bench.common import kernel_breakdown, rel_err, time_cuda, write_result
+from bench.common import event_ms, kernel_breakdown, rel_err, time_cuda, write_result
 from bench.dit_forward import inputs, random_dit
 from bench.engine_forward import ORDER, load_pt2, max_calibrated_fp8
 from x2v.plugins import sage_attention as sage
@@ -87,12 +87,7 @@ def interleaved(calls: dict, reps: int) -> dict:
     times = {k: [] for k in calls}
     for _ in range(reps):
         for k, fn in calls.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times[k].append(start.elapsed_time(end))
+            times[k].append(event_ms(fn))
     return {k: statistics.median(t) for k, t in times.items()}
 
 

@@ -56,18 +56,21 @@ def card_slug(env: dict) -> str:
     return env["card"].lower().replace("nvidia ", "").replace(" ", "-")
 
 
+def event_ms(fn) -> float:
+    """Milliseconds of one call of `fn` on the current stream, timed with CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
 def time_cuda(fn, warmup: int = 3, reps: int = 10) -> dict:
     """Median and spread of `reps` runs timed with CUDA events (after `warmup` untimed runs)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+    times = [event_ms(fn) for _ in range(reps)]
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
 
 
