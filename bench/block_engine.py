@@ -31,7 +31,7 @@ import torch
 from bench.attention import make_inputs, sdpa
 from bench.common import event_ms, kernel_breakdown, rel_err, time_cuda, write_result
 from bench.dit_forward import inputs, random_dit
-from bench.engine_forward import ORDER, load_pt2, max_calibrated_fp8
+from bench.engine_forward import ORDER, load_pt2, max_calibrated_fp8, sage_op_package
 from x2v.plugins import sage_attention as sage
 from x2v.runtime.config import load_model_config
 
@@ -59,10 +59,6 @@ def op_alone(n, h, d, directory: Path, reps: int) -> dict:
     res["eager"]["autotuned_tile"] = str(getattr(sage_kernels.attn_kernel, "best_config", None))
     print("op eager", json.dumps(res["eager"]), flush=True)
 
-    class Op(torch.nn.Module):
-        def forward(self, q, k, v):
-            return torch.ops.x2v.sage_attention(q, k, v)
-
     for name, tile, quant in (
         ("autotuned", None, "kernels"),
         ("tile", TILE, "kernels"),
@@ -70,10 +66,7 @@ def op_alone(n, h, d, directory: Path, reps: int) -> dict:
     ):
         sage.TILE, sage.TRACED_QUANT = tile, quant
         t0 = time.perf_counter()
-        ep = torch.export.export(Op(), (q, k, v), strict=False)
-        path = directory / f"sage-{name}.pt2"
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
-        op = load_pt2(path)
+        op = sage_op_package(q, k, v, directory / f"sage-{name}.pt2")
         r = {"build_s": time.perf_counter() - t0, "vs_eager": rel_err(op(q, k, v).float(), eager.float()),
              "ms": time_cuda(lambda op=op: op(q, k, v), 2, reps)["median_ms"],
              "kernels": kernel_breakdown(lambda op=op: op(q, k, v))}  # fmt: skip

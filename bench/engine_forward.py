@@ -68,6 +68,20 @@ def load_pt2(path):
     return aoti_load_package(str(path))
 
 
+class SageOp(torch.nn.Module):
+    """The SageAttention op alone, to export and compile as a package of its own."""
+
+    def forward(self, q, k, v):
+        return torch.ops.x2v.sage_attention(q, k, v)
+
+
+def sage_op_package(q, k, v, path: Path):
+    """The op compiled into an AOTInductor package at `path` for these inputs' shapes, loaded."""
+    ep = torch.export.export(SageOp(), (q, k, v), strict=False)
+    torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
+    return load_pt2(path)
+
+
 def attention_checks(cfg, n, d):
     """The attention kernels alone at the self-attention shape (x40: one forward's worth), and the
     SageAttention op through AOTInductor against eager."""
@@ -85,14 +99,8 @@ def attention_checks(cfg, n, d):
     res["sage_best_config"] = str(getattr(sage_kernels.attn_kernel, "best_config", None))
     print("attention_x40_ms", res["attention_x40_ms"], res["sage_best_config"], flush=True)
 
-    class Op(torch.nn.Module):
-        def forward(self, q, k, v):
-            return torch.ops.x2v.sage_attention(q, k, v)
-
     t0 = time.perf_counter()
-    ep = torch.export.export(Op(), (q, k, v), strict=False)
-    torch._inductor.aoti_compile_and_package(ep, package_path=str(d / "sage.pt2"))
-    op = load_pt2(d / "sage.pt2")
+    op = sage_op_package(q, k, v, d / "sage.pt2")
     r = {
         "compile_s": time.perf_counter() - t0,
         **rel_err(op(q, k, v).float(), sage_attention(q, k, v).float()),
