@@ -302,20 +302,35 @@ class EngineDiT:
         return out
 
 
+def checked(directory: Path, ckpt: Path | None = None, verify_engines: bool = True) -> tuple[dict, Path]:
+    """(manifest, checkpoint directory) of an engine directory that check() accepts; nothing but headers and
+    small files is read before a mismatch is refused."""
+    m = read_manifest(directory)
+    ckpt = Path(ckpt or m["checkpoint"]["dir"])
+    check(m, Path(directory), ckpt, verify_engines)
+    return m, ckpt
+
+
+def engine_device(m: dict, device=None) -> torch.device:
+    return torch.device(device or ("cpu" if m["gpu"] == "cpu" else "cuda"))
+
+
 def load(directory: Path, ckpt: Path | None = None, device=None, verify_engines: bool = True,
-         phases: dict | None = None, dit_weights: str | None = None):  # fmt: skip
+         phases: dict | None = None, dit_weights: str | None = None, manifest: dict | None = None):  # fmt: skip
     """-> (EngineDiT, manifest, checkpoint directory, {"t5"/"clip"/"vae": engine wrappers, where built}).
-    Checks everything before reading any weight. `phases`, if given, receives the seconds of each phase.
-    dit_weights: "resident" (on the device) or "stream" (blocks from pinned host memory, offload.BlockWeights);
-    default: the GPU config's on a GPU, resident on the CPU."""
+    Checks everything before reading any weight, unless `manifest` says the caller has (checked()).
+    `phases`, if given, receives the seconds of each phase. dit_weights: "resident" (on the device) or
+    "stream" (blocks from pinned host memory, offload.BlockWeights); default: the GPU config's on a GPU,
+    resident on the CPU."""
     phases = {} if phases is None else phases
     lap = _laps(phases)
     directory = Path(directory)
-    m = read_manifest(directory)
-    ckpt = Path(ckpt or m["checkpoint"]["dir"])
-    check(m, directory, ckpt, verify_engines)
-    lap("check_s")
-    device = torch.device(device or ("cpu" if m["gpu"] == "cpu" else "cuda"))
+    if manifest is None:
+        m, ckpt = checked(directory, ckpt, verify_engines)
+        lap("check_s")
+    else:
+        m, ckpt = manifest, Path(ckpt or manifest["checkpoint"]["dir"])
+    device = engine_device(m, device)
     loader = LOADERS.get(m["backend"])
     if loader is None:
         raise EngineError(

@@ -169,12 +169,10 @@ class Pipeline:
         from x2v.runtime.tokenizer import Tokenizer
 
         t0 = time.perf_counter()
-        engines = Path(engines)
-        m = E.read_manifest(engines)
-        ckpt = Path(ckpt or m["checkpoint"]["dir"])
-        E.check(m, engines, ckpt)  # refuse stale or foreign engines before reading any weight
+        m, ckpt = E.checked(engines, ckpt)  # refuse stale or foreign engines before reading any weight
+        phases = {"check_s": time.perf_counter() - t0}
         cfg, gpu = load_model_config(m["model"]), load_gpu_config(m["gpu"])
-        device = torch.device(device or ("cpu" if m["gpu"] == "cpu" else "cuda"))
+        device = E.engine_device(m, device)
         dtype = E.DTYPES[m["compute_dtype"]]
         built = {k.split("@")[0] for k in m["engines"]}
         engine_of = {"vae": "vae_decode", "t5": "text", "clip": "image"}
@@ -203,12 +201,11 @@ class Pipeline:
                 torch.cuda.synchronize()
             return loaded, time.perf_counter() - t1
 
-        phases = {}
         # Encoders and VAE are read (and, streamed, page-locked) on a thread while the DiT's weights go to the
         # GPU: the fp8 table rows spent 9.9 s and 4.4 s on them one after the other.
         with ThreadPoolExecutor(1) as pool:
             side = pool.submit(load_torch_parts)
-            dit, m, ckpt, aux = E.load(engines, ckpt, device, verify_engines=False, phases=phases)
+            dit, m, ckpt, aux = E.load(engines, ckpt, device, phases=phases, manifest=m)
             loaded, phases["encoders_vae_s"] = side.result()
         parts = {
             "tokenizer": Tokenizer(Path(ckpt) / cfg.files.tokenizer, cfg.dit.text_len),
