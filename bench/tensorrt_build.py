@@ -28,14 +28,12 @@ STEPS = ("plugin-only", "block-fp8-sdpa", "block-fp8-sage", "block-bf16-sdpa")
 
 def plugin_only(d: Path) -> dict:
     """q, k, v inputs -> the SageAttention plugin -> output, built through the network API."""
+    from x2v.export.tensorrt import typed_network
     from x2v.plugins.tensorrt_plugin import NAMESPACE, TYPE, VERSION, register, trt_module
 
     trt = trt_module()
     register()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    network = builder.create_network(0 if typed is None else 1 << int(typed))
+    builder, network = typed_network(trt, trt.Logger(trt.Logger.WARNING))
     qkv = [network.add_input(n, trt.DataType.BF16, (1, 256, 2, 128)) for n in ("q", "k", "v")]
     creator = trt.get_plugin_registry().get_creator(TYPE, VERSION, NAMESPACE)
     if creator is None:

@@ -18,6 +18,13 @@ class TensorRTError(RuntimeError):
     """The TensorRT builder refused the network; the message carries its log."""
 
 
+def typed_network(trt, logger):
+    """(builder, strongly typed network): every layer runs in the precision its inputs have."""
+    builder = trt.Builder(logger)
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # TensorRT-RTX: always
+    return builder, builder.create_network(0 if flag is None else 1 << int(flag))
+
+
 def build_plan(onnx_path: Path, plan_path: Path, gpu, workspace_gb: float = 8.0) -> Path:
     import onnx
 
@@ -28,11 +35,7 @@ def build_plan(onnx_path: Path, plan_path: Path, gpu, workspace_gb: float = 8.0)
     if any(n.domain == "x2v" for n in graph.node):
         register()  # the parser maps x2v::SageAttention nodes to this plugin
     logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    strongly_typed = getattr(
-        trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None
-    )  # TensorRT-RTX: always
-    network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
+    builder, network = typed_network(trt, logger)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
