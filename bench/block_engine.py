@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -100,10 +101,17 @@ def streamed_forward(blk, acts, weights, n: int, reps: int) -> dict:
     streamed = BlockWeights([[w.cpu() for w in weights] for _ in range(n)], "cuda")
     torch.cuda.synchronize()
     r = {"blocks": n, "pin_s": time.perf_counter() - t0}
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
     ref = forward(resident)
+    r["peak_gb_resident"] = torch.cuda.max_memory_allocated() / 1e9
+    r["peak_reserved_gb_resident"] = torch.cuda.max_memory_reserved() / 1e9
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     out = forward(streamed)
     r["peak_gb_streamed"] = torch.cuda.max_memory_allocated() / 1e9
+    r["peak_reserved_gb_streamed"] = torch.cuda.max_memory_reserved() / 1e9
+    r["allocator"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default")
     r["equal"] = bool(torch.equal(out, ref))
     r["resident_ms"] = time_cuda(lambda: forward(resident), 1, reps)
     r["streamed_ms"] = time_cuda(lambda: forward(streamed), 1, reps)
@@ -117,6 +125,8 @@ def main():
     ap.add_argument("--dir", default="/tmp/x2v-block")
     ap.add_argument("--out", default=None)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--no-op", dest="op", action="store_false", help="skip timing the attention op alone")
+    ap.add_argument("--name", default="block_engine", help="result file name (block_engine-<card>.json)")
     ap.add_argument("--no-streamed", dest="streamed", action="store_false",
                     help="skip the 40-block forward with weights streamed from host memory")  # fmt: skip
     args = ap.parse_args()
@@ -138,7 +148,8 @@ def main():
         tokens, e, e0, ctx, cos, sin = pre_out
         n = tokens.shape[1]
         res["tokens"] = n
-        res["op"] = op_alone(n, cfg.dit.num_heads, cfg.dit.head_dim, d, args.reps)
+        if args.op:
+            res["op"] = op_alone(n, cfg.dit.num_heads, cfg.dit.head_dim, d, args.reps)
         models["fp8"] = max_calibrated_fp8(models["bf16"], cfg, x)
         for name in args.variants.split(","):
             kind, attn, tile, quant = VARIANTS[name]
@@ -158,7 +169,7 @@ def main():
             r["kernels"] = kernel_breakdown(lambda blk=blk, a=args0: blk(*a), top=16)
             res["variants"][name] = r
             print(name, json.dumps(r), flush=True)
-            write_result("block_engine", res, args.out)
+            write_result(args.name, res, args.out)
         # Sequential timings drift with the card's clocks (SDPA alone moved 3.6 ms between two variants):
         # the ratios come from rounds that call every variant once, in turn.
         res["interleaved_ms"] = interleaved(calls, args.reps)
@@ -177,7 +188,7 @@ def main():
             summary["fp8-sdpa"]["rest_ms"] / summary["bf16-sdpa"]["rest_ms"]
         )
     print("summary", json.dumps(res["summary"]), flush=True)
-    print(f"wrote {write_result('block_engine', res, args.out)}")
+    print(f"wrote {write_result(args.name, res, args.out)}")
 
 
 if __name__ == "__main__":

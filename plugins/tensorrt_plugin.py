@@ -13,6 +13,8 @@ module without its bindings, while both TensorRT and TensorRT-RTX bind the `IPlu
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 NAMESPACE, TYPE, VERSION = "x2v", "SageAttention", "1"
 NAME = f"{NAMESPACE}::{TYPE}"
@@ -113,7 +115,24 @@ def _plugin_classes(trt):
         def create_plugin(self, name, fields, phase):
             return SagePlugin(phase)
 
+    if os.environ.get("X2V_TRT_TRACE"):  # print every call TensorRT makes into the plugin (debugging aborts)
+        for cls in (SagePlugin, SageCreator):
+            for attr, fn in list(vars(cls).items()):
+                if callable(fn) and not attr.startswith("__"):
+                    setattr(cls, attr, _traced(f"{cls.__name__}.{attr}", fn))
     return SagePlugin, SageCreator
+
+
+def _traced(name, fn):
+    def call(*args, **kwargs):
+        print(f"[x2v trt] {name}", file=sys.stderr, flush=True)
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as e:
+            print(f"[x2v trt] {name} raised {e!r}", file=sys.stderr, flush=True)
+            raise
+
+    return call
 
 
 def register() -> None:
