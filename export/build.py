@@ -26,7 +26,7 @@ SOURCES = ("export/dit.py", "export/engines.py", "export/fp8.py", "export/onnx_o
 ROOT = Path(__file__).resolve().parent.parent
 # GPU-config settings the runtime applies (VAE decode chunk and tile, where encoder and DiT weights live):
 # changing them rebuilds no engine.
-RUNTIME_ONLY = ("vae_chunk", "vae_tile", "encoders", "dit_weights")
+RUNTIME_ONLY = ("vae_chunk", "vae_tile", "encoders", "dit_weights", "expandable_segments")
 
 
 class BuildError(ValueError):

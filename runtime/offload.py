@@ -14,11 +14,16 @@ import torch
 from torch import nn
 
 
-def page_lock_on_threads(threads: int = 8) -> None:
-    """Page-lock host copies with cudaHostRegister on `threads` threads instead of one cudaHostAlloc + copy:
-    on an H200 host umT5's 11.4 GB pinned in 3.7 s instead of 7.3 s (bench/results/stream_check_register8-h200.json),
-    which is most of a streamed engine load. Process-wide (torch's pinned-memory allocator setting)."""
-    setting = f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{threads}"
+def configure_allocator(expandable_segments: bool, register_threads: int = 8) -> None:
+    """Process-wide settings of torch's CUDA allocators for an engine pipeline.
+
+    Host copies are page-locked with cudaHostRegister on `register_threads` threads instead of one
+    cudaHostAlloc + copy: on an H200 host umT5's 11.4 GB pinned in 3.7 s instead of 7.3 s
+    (bench/results/stream_check_register8-h200.json), most of a streamed engine load. `expandable_segments`
+    (GPU configs) lets freed device memory serve requests of any size."""
+    setting = f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{register_threads}"
+    if expandable_segments:
+        setting += ",expandable_segments:True"
     set_settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
     if set_settings is None:
         torch.cuda.memory._set_allocator_settings(setting)

@@ -23,7 +23,7 @@ from x2v.runtime.config import (
     load_teacache_coefficients,
 )
 from x2v.runtime.denoise import Conditioning, denoise
-from x2v.runtime.offload import OnDevice, page_lock_on_threads, stream, stream_units
+from x2v.runtime.offload import OnDevice, configure_allocator, stream, stream_units
 from x2v.runtime.sampler import euler_schedule, make_sampler, unipc_schedule
 from x2v.runtime.teacache import plan as teacache_plan
 
@@ -184,8 +184,8 @@ class Pipeline:
                 "%s engines cover the DiT only: %s run as torch modules", m["backend"], ", ".join(torch_parts)
             )
         where = gpu.encoders if device.type == "cuda" else "resident"
-        if device.type == "cuda" and "stream" in (where, gpu.dit_weights):
-            page_lock_on_threads()
+        if device.type == "cuda":
+            configure_allocator(gpu.expandable_segments)
 
         def load_torch_parts():
             t1, loaded = time.perf_counter(), {}

@@ -240,13 +240,20 @@ def test_engines_compile_with_the_gpus_sage_tile(tiny_ckpt, engines, tmp_path, m
     assert seen == [tile] * 4 and sage.TILE is None
 
 
-def test_a_malformed_sage_tile_is_refused(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "line, error",
+    [
+        ("sage_tile: {BLOCK_M: 64, warps: 4}", "sage_tile must map BLOCK_M, num_warps and num_stages"),
+        ("expandable_segments: sometimes", "expandable_segments must be true or false, found 'sometimes'"),
+    ],
+)
+def test_a_malformed_gpu_setting_is_refused(tmp_path, monkeypatch, line, error):
     from x2v.runtime import config as C
 
     (tmp_path / "gpus").mkdir()
-    (tmp_path / "gpus" / "odd.yaml").write_text("capability: [9, 0]\nsage_tile: {BLOCK_M: 64, warps: 4}\n")
+    (tmp_path / "gpus" / "odd.yaml").write_text(f"capability: [9, 0]\n{line}\n")
     monkeypatch.setattr(C, "CONFIG_DIR", tmp_path)
-    with pytest.raises(ConfigError, match="odd.yaml: sage_tile must map BLOCK_M, num_warps and num_stages"):
+    with pytest.raises(ConfigError, match=f"odd.yaml: {error}"):
         load_gpu_config("odd")
 
 
