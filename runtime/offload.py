@@ -10,6 +10,8 @@ rates). `host` runs the encoder on the CPU in fp32, for GPUs where even that doe
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -20,9 +22,11 @@ def configure_allocator(expandable_segments: bool, register_threads: int = 8) ->
     Host copies are page-locked with cudaHostRegister on `register_threads` threads instead of one
     cudaHostAlloc + copy: on an H200 host umT5's 11.4 GB pinned in 3.7 s instead of 7.3 s
     (bench/results/stream_check_register8-h200.json), most of a streamed engine load. `expandable_segments`
-    (GPU configs) lets freed device memory serve requests of any size."""
+    (GPU configs) lets freed device memory serve requests of any size, unless the environment
+    (PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF) already says otherwise."""
     setting = f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{register_threads}"
-    if expandable_segments:
+    user = os.environ.get("PYTORCH_ALLOC_CONF", "") + os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    if expandable_segments and "expandable_segments" not in user:  # an explicit environment setting wins
         setting += ",expandable_segments:True"
     set_settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
     if set_settings is None:

@@ -248,3 +248,21 @@ def test_streamed_encoders_compute_what_resident_ones_do(tiny_ckpt, tiny_cfg):
         streamed = stream(streamed, stream_units(part, streamed), "cpu")
         assert torch.equal(streamed(*args), plain(*args)), part
         assert torch.equal(streamed(*args), plain(*args)), part  # and again: units are fetched per call
+
+
+@pytest.mark.parametrize(
+    "env, expandable",
+    [({}, True), ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}, False)],
+)
+def test_engine_load_allocator_settings_leave_an_explicit_environment_alone(monkeypatch, env, expandable):
+    from x2v.runtime import offload
+
+    for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    seen = []
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", seen.append, raising=False)
+    offload.configure_allocator(expandable_segments=True)
+    assert seen[0].startswith("pinned_use_cuda_host_register:True,pinned_num_register_threads:8")
+    assert ("expandable_segments:True" in seen[0]) == expandable
