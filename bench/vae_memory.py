@@ -4,9 +4,10 @@
 
 The fp8 table row (commit a864666) peaked at 21.8 GB allocated but 30.7 GB reserved, all of the gap in the
 encode phase, whose big allocations are the VAE encode of the 81-frame conditioning video (chunks of 1, then
-4 frames, with a causal cache). This runs what the pipeline runs there (encode of the first frame plus zeros,
-then the tiled and the untiled decode) at the model's sample size with random weights, once per allocator setting, each in a process of
-its own (a setting holds for the allocator's lifetime): peak allocated and reserved per call, and seconds.
+4 frames, with a causal cache). This runs what the pipeline runs there (encode of the first frame plus
+zeros, then the tiled and the untiled decode) at the model's sample size with random weights, once per
+allocator setting, each in a process of its own (a setting holds for the allocator's lifetime): peak
+allocated and reserved per call, and seconds.
 """
 
 from __future__ import annotations
