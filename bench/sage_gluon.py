@@ -108,9 +108,10 @@ def attn_gluon(Q, K, V, QS, KS, VS, Out, Lq, Lk, L_pad, H, n_kblocks,
     )
     for kb in gl.static_range(NUM_STAGES - 1):
         _issue(K, V, k_buf, v_buf, kb, Lk, L_pad, k_base, v_base, s_kn, D, BLOCK_N, NUM_STAGES, KL, VL)
+    # Writers fence their cp.async data for the MMAs' async proxy, then the CTA syncs: the canonical order.
     async_copy.wait_group(NUM_STAGES - 2)
-    gl.thread_barrier()
     fence_async_shared()
+    gl.thread_barrier()
 
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, S_L))
     qs = gl.load(QS + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
@@ -127,8 +128,8 @@ def attn_gluon(Q, K, V, QS, KS, VS, Out, Lq, Lk, L_pad, H, n_kblocks,
     for j in range(0, n_kb - 1):  # every block but the last is full
         # Block j+1 landed: its group is the oldest of the NUM_STAGES - 2 in flight.
         async_copy.wait_group(NUM_STAGES - 3)
-        gl.thread_barrier()  # every warp is past block j-1's MMAs, so its slot can be refilled
         fence_async_shared()
+        gl.thread_barrier()  # also: every warp is past block j-1's MMAs, so its slot can be refilled
         _issue(K, V, k_buf, v_buf, j + NUM_STAGES - 1, Lk, L_pad, k_base, v_base, s_kn, D, BLOCK_N, NUM_STAGES,
                KL, VL)  # fmt: skip
         s_next = warpgroup_mma(q_smem, k_buf.index((j + 1) % NUM_STAGES).permute((1, 0)), s_zero, use_acc=False,
