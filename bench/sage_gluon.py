@@ -2,7 +2,7 @@
 softmax of block j, the overlap Triton's `tl` layer does not produce (bench/NOTES.md).
 
     python bench/sage_gluon.py --compile [--block-n 64] [--stages 3]    (no GPU: registers, spills, SASS mix)
-    python bench/sage_gluon.py --check [--out DIR]     (GPU: every config in CONFIGS, accuracy and speed, JSON)
+    python bench/sage_gluon.py [--out DIR]     (GPU: every config in CONFIGS, accuracy and speed, writes JSON)
 
 Same inputs and arithmetic as `x2v.plugins.sage_kernels.attn_body` (INT8 Q.K^T with exact int32 results,
 online softmax in fp32 with exp2, P * 2^8 in FP8, P.V as an FP8 MMA into a fresh accumulator added to the
@@ -13,7 +13,8 @@ fp32 running sum), launched through `sage_attention.attend` on `quantize_pass`'s
     softmax of block j and waited for together with block j's P.V;
   - BLOCK_N 64 by default, so that the two score tiles, the running accumulator and the fresh P.V
     accumulator fit the register file (4 x 64 registers at BLOCK_N 128 would not).
-Not used by the engines: it has never run on a GPU. `--check` compares it with attn_body and SDPA.
+Not used by the engines: it has never run on a GPU. Without --compile it compares every config with
+attn_body and SDPA.
 """
 
 from __future__ import annotations
@@ -206,7 +207,6 @@ def key_loop_mix(sass: str):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--check", action="store_true")
     ap.add_argument("--block-m", type=int, default=64)
     ap.add_argument("--block-n", type=int, default=64)
     ap.add_argument("--stages", type=int, default=3)
@@ -228,7 +228,7 @@ def main():
         scores = args.block_m * args.block_n // (32 * args.warps)  # per thread per key block (4 warps)
         print(f"key loop: {n} instructions per warp per key block, {n / scores:.1f} per score")
         print("  " + ", ".join(f"{op} {c}" for op, c in ops.most_common(16)))
-    if args.check:
+    else:
         check(args)
 
 
