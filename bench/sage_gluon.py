@@ -186,24 +186,6 @@ def compile_for(arch: int, block_m: int, block_n: int, stages: int, warps: int =
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
 
 
-def key_loop_mix(sass: str):
-    """Opcode counts of the loop holding the P.V MMA (QGMMA), per warp and key block (the first IGMMA, which
-    bench/sage_sass.py looks for, is this kernel's prologue)."""
-    import collections
-    import re
-
-    lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
-    addr = [int(re.match(r"\s+/\*([0-9a-f]{4})\*/", ln).group(1), 16) for ln in lines]
-    for i, ln in enumerate(lines):
-        m = re.search(r"BRA (0x[0-9a-f]+)", ln)
-        if m and int(m.group(1), 16) <= addr[i]:
-            body = lines[addr.index(int(m.group(1), 16)) : i + 1]
-            if any("QGMMA" in b for b in body):
-                op = r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)"
-                return collections.Counter(re.match(op, b).group(1) for b in body), len(body)
-    raise RuntimeError("no loop around a QGMMA")
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--compile", action="store_true")
@@ -215,7 +197,7 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.compile:
-        from bench.sage_sass import cuobjdump
+        from bench.sage_sass import cuobjdump, loop_mix
 
         k = compile_for(90, args.block_m, args.block_n, args.stages, args.warps)
         usage = cuobjdump(k.asm["cubin"], "-res-usage").strip().splitlines()[-1].strip()
@@ -224,7 +206,7 @@ def main():
             open(args.sass, "w").write(sass)
         print(f"sm90, BLOCK_M {args.block_m}, BLOCK_N {args.block_n}, {args.stages} stages: {usage}; "
               f"shared {k.metadata.shared} B")  # fmt: skip
-        ops, n = key_loop_mix(sass)
+        ops, n = loop_mix(sass, markers=("QGMMA",))  # the prologue issues the first IGMMA, outside the loop
         scores = args.block_m * args.block_n // (32 * args.warps)  # per thread per key block (4 warps)
         print(f"key loop: {n} instructions per warp per key block, {n / scores:.1f} per score")
         print("  " + ", ".join(f"{op} {c}" for op, c in ops.most_common(16)))

@@ -56,22 +56,19 @@ def cuobjdump(cubin: bytes, *flags: str) -> str:
     return subprocess.run([str(tool), *flags, str(path)], capture_output=True, text=True, check=True).stdout
 
 
-def loop_mix(sass: str) -> tuple[collections.Counter, int]:
-    """Opcode counts of the first loop that issues the Q.K^T MMA (IGMMA on sm90, IMMA on sm89), per warp and
-    key block."""
+def loop_mix(sass: str, markers=("IGMMA", "IMMA")) -> tuple[collections.Counter, int]:
+    """Opcode counts of the first loop holding one of `markers` (the key loop: its Q.K^T MMA is IGMMA on sm90,
+    IMMA on sm89), per warp and key block."""
     lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
     addr = [int(re.match(r"\s+/\*([0-9a-f]{4})\*/", ln).group(1), 16) for ln in lines]
-    first = next(i for i, ln in enumerate(lines) if "IGMMA" in ln or "IMMA" in ln)
-    for i in range(first, len(lines)):  # the backward branch closing the loop that contains `first`
-        m = re.search(r"BRA (0x[0-9a-f]+)", lines[i])
-        if m and int(m.group(1), 16) <= addr[first]:
-            start = addr.index(int(m.group(1), 16))
-            ops = collections.Counter(
-                re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", ln).group(1)
-                for ln in lines[start : i + 1]
-            )
-            return ops, i + 1 - start
-    raise RuntimeError("no loop around the first integer MMA")
+    for i, ln in enumerate(lines):  # loops in the order their backward branches close them
+        m = re.search(r"BRA (0x[0-9a-f]+)", ln)
+        if m and int(m.group(1), 16) <= addr[i]:
+            body = lines[addr.index(int(m.group(1), 16)) : i + 1]
+            if any(marker in b for b in body for marker in markers):
+                op = r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)"
+                return collections.Counter(re.match(op, b).group(1) for b in body), len(body)
+    raise RuntimeError(f"no loop holding any of {markers}")
 
 
 def main():
