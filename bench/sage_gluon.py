@@ -165,18 +165,12 @@ def attn_gluon(Q, K, V, QS, KS, VS, Out, Lq, Lk, L_pad, H, n_kblocks,
     gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_mo[:, None] < Lq)
 
 
-SIGNATURE = {"Q": "*i8", "K": "*i8", "V": "*fp8e4nv", "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "Out": "*bf16",
-             "Lq": "i32", "Lk": "i32", "L_pad": "i32", "H": "i32", "n_kblocks": "i32",
-             "s_qb": "i32", "s_qh": "i32", "s_ql": "i32", "s_kb": "i32", "s_kh": "i32", "s_kn": "i32",
-             "s_ob": "i32", "s_ol": "i32", "s_oh": "i32"}  # fmt: skip
-
-
 def compile_for(arch: int, block_m: int, block_n: int, stages: int, warps: int = 4, head_dim: int = 128):
     """Compile offline (Triton's bundled ptxas), arguments specialized as bench/sage_sass.py does."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from bench.sage_sass import ALIGNED
+    from bench.sage_sass import ALIGNED, SIGNATURE  # the same arguments as attn_body
 
     const = {"D": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "KS_BLOCK": 128, "NUM_STAGES": stages,
              "num_warps": warps}  # fmt: skip
