@@ -52,6 +52,19 @@ def _git_commit() -> str:
     return commit if len(commit) == 40 else "unknown"
 
 
+def random_part(part: str, cfg, device: str = "cuda", std: float = 0.02, seed: int = 0):
+    """A model part ('t5', 'vae', ...) at its config's full size with N(0, std) weights, bf16, for inference:
+    copy and compute costs do not depend on the values."""
+    from x2v.export.load import build
+
+    module = build(part, cfg).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, device=device) * std)
+    return module.to(torch.bfloat16).eval().requires_grad_(False)
+
+
 def card_slug(env: dict) -> str:
     return env["card"].lower().replace("nvidia ", "").replace(" ", "-")
 

@@ -15,8 +15,7 @@ import time
 
 import torch
 
-from bench.common import time_cuda, write_result
-from x2v.export.load import build
+from bench.common import random_part, time_cuda, write_result
 from x2v.runtime.config import load_model_config
 from x2v.runtime.offload import stream, stream_units
 
@@ -34,12 +33,7 @@ def main():
         torch.cuda.memory._set_allocator_settings(
             f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{args.register_threads}"
         )
-    t5 = build("t5", cfg).to_empty(device="cuda")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for p in t5.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, device="cuda") * 0.02)
-    t5 = t5.to(torch.bfloat16).eval().requires_grad_(False)
+    t5 = random_part("t5", cfg)
     res["weights_gb"] = sum(p.numel() * p.element_size() for p in t5.parameters()) / 1e9
     ids = torch.randint(0, cfg.t5.vocab, (2, cfg.dit.text_len), device="cuda")
     mask = torch.ones_like(ids)

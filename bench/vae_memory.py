@@ -25,17 +25,13 @@ SETTINGS = {"default": "", "expandable": "expandable_segments:True"}
 def child(model: str, device: str) -> dict:
     import torch
 
-    from x2v.export.load import build
+    from bench.common import random_part
     from x2v.runtime.config import load_model_config
 
     cfg = load_model_config(model)
     cuda = device == "cuda"
-    vae = build("vae", cfg).to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for p in vae.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, device=device) * 0.02)
-    vae = vae.to(torch.bfloat16).eval().requires_grad_(False)
+    vae = random_part("vae", cfg, device)
+    gen = torch.Generator(device=device).manual_seed(1)
     f, h, w = cfg.sample.frames, cfg.sample.height, cfg.sample.width
     first = torch.rand(1, 3, 1, h, w, generator=gen, device=device) * 2 - 1
     video = torch.cat([first, first.new_zeros(1, 3, f - 1, h, w)], dim=2).to(torch.bfloat16)
