@@ -17,7 +17,7 @@ import torch
 
 from bench.common import random_part, time_cuda, write_result
 from x2v.runtime.config import load_model_config
-from x2v.runtime.offload import stream, stream_units
+from x2v.runtime.offload import configure_allocator, stream, stream_units
 
 
 def main():
@@ -29,10 +29,8 @@ def main():
     args = ap.parse_args()
     cfg = load_model_config(args.model)
     res = {"model": cfg.name, "register_threads": args.register_threads}
-    if args.register_threads:  # the 8.3 s default pinning of umT5 was 9 of the engine rows' 50-67 s load
-        torch.cuda.memory._set_allocator_settings(
-            f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{args.register_threads}"
-        )
+    if args.register_threads:  # what the engine load sets (runtime/offload.py), with this many threads
+        configure_allocator(expandable_segments=False, register_threads=args.register_threads)
     t5 = random_part("t5", cfg)
     res["weights_gb"] = sum(p.numel() * p.element_size() for p in t5.parameters()) / 1e9
     ids = torch.randint(0, cfg.t5.vocab, (2, cfg.dit.text_len), device="cuda")
