@@ -101,16 +101,16 @@ def streamed_forward(blk, acts, weights, n: int, reps: int) -> dict:
     streamed = BlockWeights([[w.cpu() for w in weights] for _ in range(n)], "cuda")
     torch.cuda.synchronize()
     r = {"blocks": n, "pin_s": time.perf_counter() - t0}
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    ref = forward(resident)
-    r["peak_gb_resident"] = torch.cuda.max_memory_allocated() / 1e9
-    r["peak_reserved_gb_resident"] = torch.cuda.max_memory_reserved() / 1e9
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    out = forward(streamed)
-    r["peak_gb_streamed"] = torch.cuda.max_memory_allocated() / 1e9
-    r["peak_reserved_gb_streamed"] = torch.cuda.max_memory_reserved() / 1e9
+
+    def with_peaks(blocks, name):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        t = forward(blocks)
+        r[f"peak_gb_{name}"] = torch.cuda.max_memory_allocated() / 1e9
+        r[f"peak_reserved_gb_{name}"] = torch.cuda.max_memory_reserved() / 1e9
+        return t
+
+    ref, out = with_peaks(resident, "resident"), with_peaks(streamed, "streamed")
     r["allocator"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default")
     r["equal"] = bool(torch.equal(out, ref))
     r["resident_ms"] = time_cuda(lambda: forward(resident), 1, reps)

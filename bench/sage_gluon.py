@@ -74,6 +74,17 @@ def _softmax(s_int, m_i, l_i, scale, valid, MASK: gl.constexpr):
 
 
 @gluon.jit
+def _step(s_int, m_i, l_i, scale, valid, acc, v_tile, o_zero, P_L: gl.constexpr, MASK: gl.constexpr):
+    """Softmax of one key block, the running accumulator rescaled, and that block's P.V issued asynchronously
+    into a fresh accumulator (the caller waits for it): (acc, P.V token, l_i, m_i)."""
+    p, alpha, l_i, m_i = _softmax(s_int, m_i, l_i, scale, valid, MASK)
+    p8 = gl.convert_layout(p.to(gl.float8e4nv), P_L)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
+    o_j = warpgroup_mma(p8, v_tile.permute((1, 0)), o_zero, use_acc=False, is_async=True)
+    return acc, o_j, l_i, m_i
+
+
+@gluon.jit
 def attn_gluon(Q, K, V, QS, KS, VS, Out, Lq, Lk, L_pad, H, n_kblocks,
                s_qb, s_qh, s_ql, s_kb, s_kh, s_kn, s_ob, s_ol, s_oh,
                D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KS_BLOCK: gl.constexpr,
@@ -135,24 +146,14 @@ def attn_gluon(Q, K, V, QS, KS, VS, Out, Lq, Lk, L_pad, H, n_kblocks,
                KL, VL)  # fmt: skip
         s_next = warpgroup_mma(q_smem, k_buf.index((j + 1) % NUM_STAGES).permute((1, 0)), s_zero, use_acc=False,
                                is_async=True)  # fmt: skip
-        scale = qs * gl.load(ks_ptr + j * BLOCK_N // KS_BLOCK)
-        p, alpha, l_i, m_i = _softmax(s_cur, m_i, l_i, scale, offs_n, False)
-        p8 = gl.convert_layout(p.to(gl.float8e4nv), P_L)
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
-        o_j = warpgroup_mma(
-            p8, v_buf.index(j % NUM_STAGES).permute((1, 0)), o_zero, use_acc=False, is_async=True
-        )
+        acc, o_j, l_i, m_i = _step(s_cur, m_i, l_i, qs * gl.load(ks_ptr + j * BLOCK_N // KS_BLOCK), offs_n, acc,
+                                   v_buf.index(j % NUM_STAGES), o_zero, P_L, False)  # fmt: skip
         s_cur, o_j = warpgroup_mma_wait(num_outstanding=0, deps=(s_next, o_j))
         acc = acc + o_j
     last = n_kb - 1
     valid = (last * BLOCK_N + offs_n) < Lk
-    scale = qs * gl.load(ks_ptr + last * BLOCK_N // KS_BLOCK)
-    p, alpha, l_i, m_i = _softmax(s_cur, m_i, l_i, scale, valid, True)
-    p8 = gl.convert_layout(p.to(gl.float8e4nv), P_L)
-    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
-    o_j = warpgroup_mma(
-        p8, v_buf.index(last % NUM_STAGES).permute((1, 0)), o_zero, use_acc=False, is_async=True
-    )
+    acc, o_j, l_i, m_i = _step(s_cur, m_i, l_i, qs * gl.load(ks_ptr + last * BLOCK_N // KS_BLOCK), valid, acc,
+                               v_buf.index(last % NUM_STAGES), o_zero, P_L, True)  # fmt: skip
     o_j = warpgroup_mma_wait(num_outstanding=0, deps=(o_j,))
     acc = acc + o_j
     async_copy.wait_group(0)
