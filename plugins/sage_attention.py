@@ -151,8 +151,15 @@ def quantize_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     x = v.float()
     v_scale = x.abs().amax(dim=1).clamp(min=1e-12) / V_FP8_MAX  # [B, H, D]
     vt = (x / v_scale[:, None]).permute(0, 2, 3, 1)  # [B, H, D, L]
-    v8 = F.pad(vt, (0, -lk % BLOCK_N)).to(torch.float8_e4m3fn).contiguous()
+    v8 = key_slots(F.pad(vt, (0, -lk % BLOCK_N))).to(torch.float8_e4m3fn).contiguous()
     return q8, qs.contiguous(), k8, ks.contiguous(), v8, v_scale.contiguous()
+
+
+def key_slots(x: torch.Tensor) -> torch.Tensor:
+    """The last dim (keys, a multiple of 16) in the order the kernels keep V^T in (sage_kernels._key_slot):
+    key 8h + 2c + e of each 16 at 4c + 2h + e."""
+    *lead, n = x.shape
+    return x.reshape(*lead, n // 16, 2, 4, 2).transpose(-3, -2).reshape(*lead, n)
 
 
 def attend(q8, qs, k8, ks, v8, v_scale, out, wrap, kernel, **config):

@@ -159,5 +159,16 @@ def test_fused_quantization_hands_the_kernel_the_layouts_it_reads():
     assert torch.equal(q8, ref_q) and torch.equal(k8, ref_k)
     assert qs.is_contiguous() and ks.is_contiguous() and torch.equal(qs, ref_qs) and torch.equal(ks, ref_ks)
     assert v8.shape == (1, 2, 64, 384) and v8.is_contiguous() and torch.equal(vs, ref_vs)
-    assert torch.equal(v8[..., :300].float(), ref_v.transpose(-1, -2).float())
-    assert not v8[..., 300:].float().any()
+    padded = torch.nn.functional.pad(ref_v.transpose(-1, -2).float(), (0, 84))
+    assert torch.equal(v8.float(), sage.key_slots(padded))
+
+
+def test_v_keys_are_reordered_within_groups_of_16():
+    """Key 8h + 2c + e of each 16 sits at 4c + 2h + e: the columns an MMA accumulator thread holds (2c, 2c+1,
+    2c+8, 2c+9) become the four consecutive ones the 8-bit MMA operand wants from that thread."""
+    from x2v.plugins import sage_attention as sage
+
+    keys = torch.arange(48)
+    slots = sage.key_slots(keys)
+    assert slots[:16].tolist() == [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15]
+    assert torch.equal(slots[16:32], slots[:16] + 16) and sorted(slots.tolist()) == keys.tolist()
