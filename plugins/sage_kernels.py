@@ -3,7 +3,7 @@
 - Q: INT8, one scale per token, softmax scale and log2(e) folded in (so the kernel uses exp2).
 - K: mean over tokens subtracted (softmax is invariant to it), then INT8 with one scale per BLOCK_N tokens.
 - V: FP8 E4M3 with one scale per channel, stored transposed ([D, L]) because Hopper's FP8 MMA wants the
-  reduction dimension contiguous in both operands, keys permuted within each group of 16 (`_key_slot`) so
+  reduction dimension contiguous in both operands, keys permuted within each group of 16 (`key_slots`) so
   that P goes from the Q.K^T accumulator's registers into the P.V MMA's operand registers without moving
   between threads (P.V sums over keys, so P's columns and V's rows may be permuted alike).
 - Attention: Q.K^T as an INT8 dot (exact int32), online softmax in fp32, P scaled by 256 into FP8, P.V as
@@ -68,23 +68,17 @@ def quant_int8_kernel(X, Mean, Out, Scale, L, H, n_scales, s_xb, s_xl, s_xh, s_o
 
 
 @triton.jit
-def _key_slot(t):
-    """Where key t's row of V goes in V^T: inside each group of 16 keys, key 8h + 2c + e (h, e in {0, 1},
-    c in 0..3) moves to 4c + 2h + e. A thread of the MMA accumulator holds score columns 2c, 2c+1, 2c+8, 2c+9
-    of every 16; the 8-bit MMA operand wants columns 4c..4c+3 in that thread (wgmma and mma.sync alike)."""
-    r = t % 16
-    return t - r + (r % 8 // 2) * 4 + (r // 8) * 2 + r % 2
-
-
-@triton.jit
 def quant_v_kernel(X, Scale, Out, L, L_pad, H, s_xb, s_xl, s_xh, BLOCK: tl.constexpr, D: tl.constexpr):
-    """V / per-channel scale -> FP8 E4M3, transposed to [B, H, D, L_pad] (tokens contiguous, in _key_slot
+    """V / per-channel scale -> FP8 E4M3, transposed to [B, H, D, L_pad] (tokens contiguous, in key_slots
     order within each 16)."""
     x, b, h, pid_l, pid_bh, offs_l, offs_d = _load_tokens(X, L, H, s_xb, s_xl, s_xh, BLOCK, D)
     scale = tl.load(Scale + pid_bh * D + offs_d)
     v = (x / scale[None, :]).to(tl.float8e4nv)
-    slot = _key_slot(offs_l)
-    tl.store(Out + pid_bh * D * L_pad + offs_d[None, :] * L_pad + slot[:, None], v, mask=slot[:, None] < L_pad)
+    # Rows reordered in registers (the kernel is memory-bound), so the transposed store stays contiguous.
+    v = v.reshape(BLOCK // 16, 2, 4, 2, D).permute(0, 2, 1, 3, 4).reshape(BLOCK, D)
+    tl.store(
+        Out + pid_bh * D * L_pad + offs_d[None, :] * L_pad + offs_l[:, None], v, mask=offs_l[:, None] < L_pad
+    )
 
 
 MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23
@@ -92,8 +86,10 @@ MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23
 
 @triton.jit
 def key_slots(p):
-    """P's columns in V^T's key order (_key_slot): a permutation of registers inside each thread, where
-    handing the accumulator's layout to the MMA operand as is would cost shuffles between threads."""
+    """P's columns in V^T's key order: inside each group of 16 keys, key 8h + 2c + e (h, e in {0, 1}, c in
+    0..3) moves to 4c + 2h + e. A thread of the Q.K^T accumulator holds columns 2c, 2c+1, 2c+8, 2c+9 of every
+    16; the 8-bit MMA operand wants 4c..4c+3 from that thread (wgmma and mma.sync alike). So this is a
+    permutation of registers inside each thread, where the accumulator's own order would cost shuffles."""
     BM: tl.constexpr = p.shape[0]
     BN: tl.constexpr = p.shape[1]
     return p.reshape(BM, BN // 16, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(BM, BN)
