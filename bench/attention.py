@@ -105,7 +105,9 @@ def main():
               f"rel {a['gaussian']['sage']['rel_l2']:.4f}", flush=True)  # fmt: skip
         print(f"  with the host's launches inside the timing: sage {t_host['median_ms']:.2f} ms", flush=True)
         if t_pin:
-            print(f"  pinned tile: sage {t_pin['median_ms']:.2f} ms = {row['speedup_pinned']:.3f}x", flush=True)
+            print(
+                f"  pinned tile: sage {t_pin['median_ms']:.2f} ms = {row['speedup_pinned']:.3f}x", flush=True
+            )
         del q, k, v
         torch.cuda.empty_cache()
     # The same op under torch.compile must give the eager result (it traces the Triton kernels).
