@@ -310,6 +310,9 @@ def render(args) -> Path:
               "trajectory, so it is neither projected nor compared. distill: the 4-step model, no guidance (its own "
               "full schedule), so it has no fidelity against the 40-step baseline; it decodes whole frames, the fp8 rows "
               "in 256 px tiles as the published ones."]  # fmt: skip
+    missing = [n for n in ROWS if n not in rows]
+    if missing:
+        lines.append(f"Rows not measured in this sitting, left out: {', '.join(missing)}.")
     phases = [f"{n} " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in rows[n]["load_phases"].items())
               for n in ROWS if rows.get(n, {}).get("load_phases")]  # fmt: skip
     if phases:

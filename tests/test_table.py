@@ -58,6 +58,7 @@ def test_table_rows_and_render(tiny_ckpt, tiny_cfg, tmp_path):
     assert distill["steps"] == distill["full_steps"] == 4 and "e2e_projected_s" not in distill
     md = table("--render", "--out", str(tmp_path / "results"))
     assert "| fp8 | 4/4 of 8 |" in md and (tmp_path / "results" / "table-cpu.md").is_file()
+    assert "left out: sage-mixed, fp8-teacache." in md  # rows not run are named, not silently missing
 
 
 def test_projection_adds_missing_computed_and_skipped_steps_apart():
