@@ -85,13 +85,13 @@ def main():
             }
             del ref, out
         flops = 4 * b * h * n * n * d
-        gpu = dict(reps=args.reps, hide_launch=True)
-        t_sdpa = time_cuda(lambda q=q, k=k, v=v: sdpa(q, k, v), **gpu)
-        t_sage = time_cuda(lambda q=q, k=k, v=v: sage_attention(q, k, v), **gpu)
+        timing = dict(reps=args.reps, hide_launch=True)
+        t_sdpa = time_cuda(lambda q=q, k=k, v=v: sdpa(q, k, v), **timing)
+        t_sage = time_cuda(lambda q=q, k=k, v=v: sage_attention(q, k, v), **timing)
         t_host = time_cuda(lambda q=q, k=k, v=v: sage_attention(q, k, v), reps=args.reps)
-        t_quant = time_cuda(lambda q=q, k=k, v=v: quantize_pass(q, k, v), **gpu)
+        t_quant = time_cuda(lambda q=q, k=k, v=v: quantize_pass(q, k, v), **timing)
         with sage.pinned_tile(tile):
-            t_pin = time_cuda(lambda q=q, k=k, v=v: sage_attention(q, k, v), **gpu) if tile else None
+            t_pin = time_cuda(lambda q=q, k=k, v=v: sage_attention(q, k, v), **timing) if tile else None
         row.update(sdpa_bf16=t_sdpa, sage=t_sage, sage_host_launch_counted=t_host, sage_quantize_only=t_quant,
                    speedup=t_sdpa["median_ms"] / t_sage["median_ms"],
                    sdpa_tflops=flops / t_sdpa["median_ms"] / 1e9, sage_tflops=flops / t_sage["median_ms"] / 1e9)  # fmt: skip
