@@ -60,14 +60,14 @@ class VisionTransformer(nn.Module):
         self.patch_embedding = nn.Conv2d(
             3, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False
         )
-        self.cls_embedding = nn.Parameter(torch.randn(1, 1, cfg.dim) * cfg.dim**-0.5)
-        self.pos_embedding = nn.Parameter(torch.randn(1, n + 1, cfg.dim) * cfg.dim**-0.5)
+        self.cls_embedding = nn.Parameter(torch.empty(1, 1, cfg.dim))
+        self.pos_embedding = nn.Parameter(torch.empty(1, n + 1, cfg.dim))
         self.pre_norm = LayerNorm(cfg.dim, eps=1e-5)
         self.transformer = nn.Sequential(
             *(AttentionBlock(cfg.dim, cfg.mlp_ratio, cfg.num_heads) for _ in range(cfg.num_layers))
         )
         self.post_norm = LayerNorm(cfg.dim, eps=1e-5)
-        self.head = nn.Parameter(torch.randn(cfg.dim, cfg.out_dim) * cfg.dim**-0.5)
+        self.head = nn.Parameter(torch.empty(cfg.dim, cfg.out_dim))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] in [-1, 1] -> features of block 31 [B, 1 + patches, dim] (Wan's use_31_block)."""

@@ -168,7 +168,7 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(
             nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim)
         )
-        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.modulation = nn.Parameter(torch.empty(1, 6, dim))
 
     def forward(self, x, e0, context, cos, sin):
         """x [B, L, C] float32 residual stream; e0 [B, 6, C] float32; context [B, Lc, C]; cos/sin [L, D/2]."""
@@ -186,7 +186,7 @@ class Head(nn.Module):
         super().__init__()
         self.norm = WanLayerNorm(cfg.dim, cfg.eps)
         self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
-        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+        self.modulation = nn.Parameter(torch.empty(1, 2, cfg.dim))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """x [B, L, C] float32, e [B, C] float32 -> [B, L, prod(patch) * out_dim] float32."""

@@ -5,9 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from x2v.runtime.checkpoint import CheckpointError, load_strict, read_state_dict, resolve, to_official_dit
 from x2v.runtime.config import ModelConfig
+
+
+class _SkipFills(TorchFunctionMode):
+    """In-place fills of meta tensors (nn.init, reset_parameters) skipped: every parameter of a built model comes
+    from a checkpoint or from make-checkpoint's own random values, and on the meta device a fill runs as a Python
+    reference op whose first call imports torch._dynamo (sympy, FSDP, ...): 3.5-4.8 s of an engine load on the
+    H200 image (the fp8 row's load profile)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        # nn.init functions pass their tensor by keyword, Tensor methods positionally
+        target = args[0] if args else kwargs.get("tensor")
+        if name.endswith("_") and not name.startswith("__") and getattr(target, "is_meta", False):
+            return target
+        return func(*args, **kwargs)
 
 
 def build(part: str, cfg: ModelConfig) -> torch.nn.Module:
@@ -21,7 +38,7 @@ def build(part: str, cfg: ModelConfig) -> torch.nn.Module:
               "clip": lambda: CLIPVision(cfg.clip)}  # fmt: skip
     if part == "clip" and cfg.clip is None:
         raise ValueError(f"model {cfg.name} has no image encoder")
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipFills():
         return makers[part]()
 
 

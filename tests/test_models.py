@@ -47,6 +47,21 @@ def test_config_keys_match_official_layout(name):
     assert sorted(build("dit", cfg).state_dict()) == official_dit_keys(cfg.dit)
 
 
+def test_building_on_the_meta_device_skips_parameter_fills():
+    """Every part of a full-size model builds without running nn.init on meta tensors, which would import
+    torch._dynamo (seconds of an engine load); a fresh interpreter, since this one may have imported it."""
+    code = (
+        "import sys; from x2v.export.load import build; from x2v.runtime.config import load_model_config\n"
+        "cfg = load_model_config('i2v-14b-480p')\n"
+        "models = [build(p, cfg) for p in ('dit', 'vae', 't5', 'clip')]\n"
+        "assert all(t.is_meta for m in models for t in m.state_dict().values())\n"
+        "print('torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
+
 @pytest.mark.parametrize(
     "name, billions",
     [("t2v-14b", 14.29), ("i2v-14b-480p", 16.39), ("i2v-14b-720p", 16.39), ("t2v-1.3b", 1.42)],
