@@ -225,20 +225,35 @@ CONFIGS = [  # (BLOCK_M, BLOCK_N, NUM_STAGES, warps): all compile for sm90 witho
 def check(args):
     """Every config against fp32 attention and the Triton kernel (attn_body at its H200 tile), then timed at
     the Wan shapes beside attn_body and SDPA, all in this one process."""
+    from x2v.plugins import sage_attention as sage
+
+    variants = {
+        f"gluon-{bm}x{bn}-s{st}-w{w}": lambda *a, bm=bm, bn=bn, st=st, w=w: sage.attend(
+            *a, lambda f: f, attn_gluon, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=st, num_warps=w
+        )
+        for bm, bn, st, w in CONFIGS
+    }
+    check_variants("sage_gluon", variants, CONFIGS, args.out)
+
+
+def check_variants(name: str, variants: dict, configs: list, out_dir) -> None:
+    """Attention kernels that take quantize_pass's tensors and the output (`variants`: name -> launch(q8, qs, k8,
+    ks, v8, v_scale, out)) against fp32 attention and attn_body at its H200 tile, then timed beside attn_body and
+    SDPA at the Wan shapes, GPU time (bench/NOTES.md), in this one process; writes `name`-<card>.json."""
     import torch
 
     from bench.common import write_result
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    res = {"configs": [list(c) for c in CONFIGS], "rows": []}
+    res = {"configs": [list(c) for c in configs], "rows": []}
     for shape in [(1, 4, 1000, 128), (1, 40, 32760, 128), (1, 40, 75600, 128)]:
-        res["rows"].append(check_shape(*shape, gen))
+        res["rows"].append(check_shape(*shape, gen, variants))
         print(res["rows"][-1], flush=True)
         torch.cuda.empty_cache()
-    print(f"wrote {write_result('sage_gluon', res, args.out)}")
+    print(f"wrote {write_result(name, res, out_dir)}")
 
 
-def check_shape(b, h, n, d, gen) -> dict:
+def check_shape(b, h, n, d, gen, variants: dict) -> dict:
     import torch
 
     from bench.attention import make_inputs, reference, sdpa
@@ -249,23 +264,26 @@ def check_shape(b, h, n, d, gen) -> dict:
     q, k, v = make_inputs(b, h, n, d, "realistic", gen)
     packed = sage.quantize_pass(q, k, v)
 
-    def run(kernel, **config):
+    def run(launch):
         out = torch.empty_like(q)
-        sage.attend(*packed, out, lambda f: f, kernel, **config)
+        launch(*packed, out)
         return out
 
-    calls = {"triton": lambda: run(sage_kernels.attn_body, BLOCK_M=64, num_warps=4, num_stages=3)}
-    for bm, bn, st, w in CONFIGS:
-        calls[f"gluon-{bm}x{bn}-s{st}-w{w}"] = lambda bm=bm, bn=bn, st=st, w=w: run(
-            attn_gluon, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=st, num_warps=w
+    def triton(*packed_out):
+        return sage.attend(
+            *packed_out, lambda f: f, sage_kernels.attn_body, BLOCK_M=64, num_warps=4, num_stages=3
         )
+
+    calls = {"triton": triton, **variants}
     ref = reference(q, k, v, heads=min(h, 4))
-    base = calls["triton"]().float()
+    base = run(triton).float()
     row = {"shape": [b, h, n, d], "accuracy": {}, "ms": {}}
-    for name, fn in calls.items():
+    gpu_ms = lambda fn: time_cuda(fn, hide_launch=True)["median_ms"]  # noqa: E731
+    for name, launch in calls.items():
         try:
-            out = fn()
-        except Exception as e:  # a config the card refuses (shared memory, registers): recorded, not fatal
+            out = run(launch)
+            torch.cuda.synchronize()
+        except Exception as e:  # a config the card or compiler refuses: recorded, not fatal
             row["accuracy"][name] = {"error": f"{type(e).__name__}: {e}"[:300]}
             continue
         row["accuracy"][name] = {
@@ -273,10 +291,10 @@ def check_shape(b, h, n, d, gen) -> dict:
             "vs_triton": rel_err(out.float(), base),
         }
         if n >= 32760:
-            row["ms"][name] = time_cuda(fn, hide_launch=True)["median_ms"]
+            row["ms"][name] = gpu_ms(lambda launch=launch: run(launch))
     if n >= 32760:
-        row["ms"]["sdpa"] = time_cuda(lambda: sdpa(q, k, v), hide_launch=True)["median_ms"]
-        row["ms"]["quantize"] = time_cuda(lambda: sage.quantize_pass(q, k, v), hide_launch=True)["median_ms"]
+        row["ms"]["sdpa"] = gpu_ms(lambda: sdpa(q, k, v))
+        row["ms"]["quantize"] = gpu_ms(lambda: sage.quantize_pass(q, k, v))
         kernels = [name for name in row["ms"] if name not in ("sdpa", "quantize")]
         row["speedup_vs_sdpa_with_quantize"] = {
             name: row["ms"]["sdpa"] / (row["ms"][name] + row["ms"]["quantize"]) for name in kernels

@@ -26,7 +26,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from bench.sage_gluon import _step
+from bench.sage_gluon import _step, check_variants
 
 
 @gluon.jit
@@ -220,68 +220,12 @@ CONFIGS = [(3, False), (4, False), (3, True), (4, True)]  # (NUM_STAGES, PINGPON
 
 
 def check(args):
-    """Every config against fp32 attention and attn_body at the H200 tile, then timed beside attn_body and SDPA
-    at the Wan shapes, GPU time (bench/NOTES.md), in this one process."""
-    import torch
-
-    from bench.common import write_result
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    res = {"configs": [list(c) for c in CONFIGS], "rows": []}
-    for shape in [(1, 4, 1000, 128), (1, 40, 32760, 128), (1, 40, 75600, 128)]:
-        res["rows"].append(check_shape(*shape, gen))
-        print(res["rows"][-1], flush=True)
-        torch.cuda.empty_cache()
-    print(f"wrote {write_result('sage_ws', res, args.out)}")
-
-
-def check_shape(b, h, n, d, gen) -> dict:
-    import torch
-
-    from bench.attention import make_inputs, reference, sdpa
-    from bench.common import rel_err, time_cuda
-    from x2v.plugins import sage_attention as sage
-    from x2v.plugins import sage_kernels
-
-    q, k, v = make_inputs(b, h, n, d, "realistic", gen)
-    packed = sage.quantize_pass(q, k, v)
-
-    def run(fn):
-        out = torch.empty_like(q)
-        fn(*packed, out)
-        return out
-
-    calls = {"triton": lambda *a: sage.attend(*a, lambda f: f, sage_kernels.attn_body, BLOCK_M=64, num_warps=4,
-                                              num_stages=3)}  # fmt: skip
-    for st, pp in CONFIGS:
-        calls[f"ws-s{st}{'-pingpong' if pp else ''}"] = lambda *a, st=st, pp=pp: attend_ws(
-            *a, stages=st, pingpong=pp
-        )
-    ref = reference(q, k, v, heads=min(h, 4))
-    base = run(calls["triton"]).float()
-    row = {"shape": [b, h, n, d], "accuracy": {}, "ms": {}}
-    gpu_ms = lambda fn: time_cuda(fn, hide_launch=True)["median_ms"]  # noqa: E731
-    for name, fn in calls.items():
-        try:
-            out = run(fn)
-            torch.cuda.synchronize()
-        except Exception as e:  # a config the card or compiler refuses: recorded, not fatal
-            row["accuracy"][name] = {"error": f"{type(e).__name__}: {e}"[:300]}
-            continue
-        row["accuracy"][name] = {
-            "vs_fp32": rel_err(out[:, :, :4], ref),
-            "vs_triton": rel_err(out.float(), base),
-        }
-        if n >= 32760:
-            row["ms"][name] = gpu_ms(lambda fn=fn: run(fn))
-    if n >= 32760:
-        row["ms"]["sdpa"] = gpu_ms(lambda: sdpa(q, k, v))
-        row["ms"]["quantize"] = gpu_ms(lambda: sage.quantize_pass(q, k, v))
-        kernels = [name for name in row["ms"] if name not in ("sdpa", "quantize")]
-        row["speedup_vs_sdpa_with_quantize"] = {
-            name: row["ms"]["sdpa"] / (row["ms"][name] + row["ms"]["quantize"]) for name in kernels
-        }
-    return row
+    """Every config against fp32 attention and attn_body, then timed beside it and SDPA (sage_gluon.check_variants)."""
+    variants = {
+        f"ws-s{st}{'-pingpong' if pp else ''}": lambda *a, st=st, pp=pp: attend_ws(*a, stages=st, pingpong=pp)
+        for st, pp in CONFIGS
+    }
+    check_variants("sage_ws", variants, CONFIGS, args.out)
 
 
 if __name__ == "__main__":
