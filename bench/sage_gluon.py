@@ -74,15 +74,21 @@ def _softmax(s_int, m_i, l_i, scale, valid, MASK: gl.constexpr):
 
 
 @gluon.jit
+def p_operand(p, P_L: gl.constexpr):
+    """P (fp32) as the FP8 register operand of P.V, its columns in V^T's key order (sage_kernels.key_slots):
+    the layout conversion stays inside each thread."""
+    p8 = p.to(gl.float8e4nv)
+    BM: gl.constexpr = p8.shape[0]
+    BN: gl.constexpr = p8.shape[1]
+    return gl.convert_layout(p8.reshape(BM, BN // 16, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(BM, BN), P_L)
+
+
+@gluon.jit
 def _step(s_int, m_i, l_i, scale, valid, acc, v_tile, o_zero, P_L: gl.constexpr, MASK: gl.constexpr):
     """Softmax of one key block, the running accumulator rescaled, and that block's P.V issued asynchronously
     into a fresh accumulator (the caller waits for it): (acc, P.V token, l_i, m_i)."""
     p, alpha, l_i, m_i = _softmax(s_int, m_i, l_i, scale, valid, MASK)
-    p8 = p.to(gl.float8e4nv)
-    # P's columns in V^T's key order (sage_kernels.key_slots): the layout conversion stays inside each thread.
-    BM: gl.constexpr = p8.shape[0]
-    BN: gl.constexpr = p8.shape[1]
-    p8 = gl.convert_layout(p8.reshape(BM, BN // 16, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(BM, BN), P_L)
+    p8 = p_operand(p, P_L)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
     o_j = warpgroup_mma(p8, v_tile.permute((1, 0)), o_zero, use_acc=False, is_async=True)
     return acc, o_j, l_i, m_i
