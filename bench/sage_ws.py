@@ -97,7 +97,9 @@ def _overlap_step(q_tile, k_bufs, v_bufs, ready, empty, turn, j, s_int, o_tok, a
     mbarrier.wait(ready.index(s), ((j + 1) // NUM_STAGES) & 1)
     _issue_turn(turn, j + 1, WG, PINGPONG)
     s_tok = warpgroup_mma(q_tile, k_bufs.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-    o_tok = warpgroup_mma(p8, v_bufs.index(j % NUM_STAGES).permute((1, 0)), o_zero, use_acc=False, is_async=True)
+    o_tok = warpgroup_mma(
+        p8, v_bufs.index(j % NUM_STAGES).permute((1, 0)), o_zero, use_acc=False, is_async=True
+    )
     _pass_turn(turn, WG, PINGPONG)
     ks = gl.load(ks_ptr + (j + 1) * BLOCK_N // KS_BLOCK)
     s_int = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
@@ -244,7 +246,9 @@ def attend_ws(q8, qs, k8, ks, v8, v_scale, out, block_m=64, stages=4, pingpong=F
                   KS_BLOCK=BLOCK_N, NUM_STAGES=stages, PINGPONG=pingpong, OVERLAP=overlap, num_warps=4, maxnreg=MAXNREG)  # fmt: skip
 
 
-def compile_for(arch: int, stages: int, pingpong: bool, overlap: bool, block_m: int = 64, head_dim: int = 128):
+def compile_for(
+    arch: int, stages: int, pingpong: bool, overlap: bool, block_m: int = 64, head_dim: int = 128
+):
     """Compile offline (Triton's bundled ptxas), with the argument types a launch at Wan shapes gives."""
     import torch
     from triton.backends.compiler import GPUTarget
@@ -286,7 +290,9 @@ def main():
         sass = cuobjdump(k.asm["cubin"], "-sass")
         if args.sass:
             open(args.sass, "w").write(sass)
-        print(f"sm90, {args.stages} stages, pingpong {args.pingpong}, overlap {args.overlap}: {usage}; shared {k.metadata.shared} B")
+        print(
+            f"sm90, {args.stages} stages, pingpong {args.pingpong}, overlap {args.overlap}: {usage}; shared {k.metadata.shared} B"
+        )
         ops, n = loop_mix(sass, markers=("IGMMA",))
         print(f"first consumer key loop: {n} instructions per warp per key block, {n / 64:.1f} per score")
         print("  " + ", ".join(f"{op} {c}" for op, c in ops.most_common(18)))
@@ -294,14 +300,19 @@ def main():
         check(args)
 
 
-CONFIGS = [(3, False, False), (3, False, True), (3, True, True), (4, True, True)]  # (NUM_STAGES, PINGPONG, OVERLAP)
+CONFIGS = [
+    (3, False, False),
+    (3, False, True),
+    (3, True, True),
+    (4, True, True),
+]  # (NUM_STAGES, PINGPONG, OVERLAP)
 
 
 def check(args):
     """Every config against fp32 attention and attn_body, then timed beside it and SDPA (sage_gluon.check_variants)."""
     variants = {
-        f"ws-s{st}{'-pingpong' if pp else ''}{'-overlap' if ov else ''}": lambda *a, st=st, pp=pp, ov=ov: attend_ws(
-            *a, stages=st, pingpong=pp, overlap=ov
+        f"ws-s{st}{'-pingpong' if pp else ''}{'-overlap' if ov else ''}": lambda *a, st=st, pp=pp, ov=ov: (
+            attend_ws(*a, stages=st, pingpong=pp, overlap=ov)
         )
         for st, pp, ov in CONFIGS
     }
