@@ -27,7 +27,9 @@ def main():
     ap.add_argument("--register-threads", type=int, default=0,
                     help="page-lock with cudaHostRegister on this many threads instead of cudaHostAlloc")  # fmt: skip
     ap.add_argument("--expandable", action="store_true", help="expandable segments, as the GPU configs set")
-    ap.add_argument("--unbounded", action="store_true", help="let the host run ahead of the GPU (the old stream)")
+    ap.add_argument(
+        "--unbounded", action="store_true", help="let the host run ahead of the GPU (the old stream)"
+    )
     args = ap.parse_args()
     cfg = load_model_config(args.model)
     res = {"model": cfg.name, "register_threads": args.register_threads, "bounded": not args.unbounded,
@@ -57,7 +59,9 @@ def main():
         torch.cuda.synchronize()
         res["peak_gb_above_resident_parts"] = (torch.cuda.max_memory_allocated() - base) / 1e9
         # What the caching allocator holds for it (the driver's view, less the context): the encode phase's gap.
-        res["peak_reserved_gb_above_resident_parts"] = (torch.cuda.max_memory_reserved() - base_reserved) / 1e9
+        res["peak_reserved_gb_above_resident_parts"] = (
+            torch.cuda.max_memory_reserved() - base_reserved
+        ) / 1e9
         res["max_abs_diff_vs_resident"] = (out.float() - ref.float()).abs().max().item()
         res["streamed_ms"] = time_cuda(lambda: streamed(ids, mask), 1, 3)["median_ms"]
     print(res, flush=True)
