@@ -236,6 +236,7 @@ class Pipeline:
         """-> (cond, uncond, latent shape) on the device."""
         ids, mask = self.tokenizer([prompt, negative_prompt])
         context = self.t5(ids.to(self.device), mask.to(self.device))
+        self._release_cache()
         cond, uncond = Conditioning(context[:1]), Conditioning(context[1:])
         lat_t = (frames - 1) // 4 + 1
         if not self.cfg.dit.i2v:
@@ -243,6 +244,7 @@ class Pipeline:
         img = image.to(self.device)
         h, w = i2v_size(img.shape[1:], height * width)
         clip_fea = self.clip(img[None].to(self.dtype))
+        self._release_cache()
         first = torch.nn.functional.interpolate(img[None].float(), size=(h, w), mode="bicubic")[:, :, None]
         video = torch.cat([first, first.new_zeros(1, 3, frames - 1, h, w)], dim=2)
         y = torch.cat(
@@ -353,6 +355,12 @@ class Pipeline:
             # fp8 table rows reserved 31 GB at most for 22 GB allocated (commit 53c5ece).
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+
+    def _release_cache(self) -> None:
+        """Streamed encoders copy their weights on a side stream, whose cached blocks the main stream's
+        allocations (the VAE encode next) cannot use: handed back to the driver, they do not add to its peak."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _lap(self, t0: float) -> float:
         if self.device.type == "cuda":
