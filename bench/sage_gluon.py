@@ -13,8 +13,8 @@ fp32 running sum), launched through `sage_attention.attend` on `quantize_pass`'s
     softmax of block j and waited for together with block j's P.V;
   - BLOCK_N 64 by default, so that the two score tiles, the running accumulator and the fresh P.V
     accumulator fit the register file (4 x 64 registers at BLOCK_N 128 would not).
-Not used by the engines: it has never run on a GPU. Without --compile it compares every config with
-attn_body and SDPA.
+Not used by the engines: measured on an H200, correct and not faster (bench/NOTES.md). Without --compile it
+compares every config with attn_body and SDPA.
 """
 
 from __future__ import annotations
