@@ -65,6 +65,22 @@ def random_part(part: str, cfg, device: str = "cuda", std: float = 0.02, seed: i
     return module.to(torch.bfloat16).eval().requires_grad_(False)
 
 
+def timed_peaks(fn, cuda: bool):
+    """(fn(), {"s": seconds[, "allocated_gb", "reserved_gb": the allocator's peaks during the call]})."""
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    r = {"s": time.perf_counter() - t0}
+    if cuda:
+        r.update(allocated_gb=torch.cuda.max_memory_allocated() / 1e9,
+                 reserved_gb=torch.cuda.max_memory_reserved() / 1e9)  # fmt: skip
+    return out, r
+
+
 def card_slug(env: dict) -> str:
     return env["card"].lower().replace("nvidia ", "").replace(" ", "-")
 

@@ -19,7 +19,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 
 SETTINGS = ("unbounded", "bounded", "current")
 DIT_GB = 16.6  # the FP8 DiT's weights on the GPU in the fp8 rows (table/h200/fp8.json load profile)
@@ -28,7 +27,7 @@ DIT_GB = 16.6  # the FP8 DiT's weights on the GPU in the fp8 rows (table/h200/fp
 def child(model: str, gpu_name: str, setting: str, device: str) -> dict:
     import torch
 
-    from bench.common import random_part
+    from bench.common import random_part, timed_peaks
     from x2v.runtime.config import load_gpu_config, load_model_config
     from x2v.runtime.offload import configure_allocator, stream, stream_units
     from x2v.runtime.pipeline import Pipeline
@@ -59,16 +58,8 @@ def child(model: str, gpu_name: str, setting: str, device: str) -> dict:
     for run in ("warmup", "encode"):
         if cuda:
             torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        pipe.encode(image, "a prompt", "a negative prompt", f, h, w)
-        if cuda:
-            torch.cuda.synchronize()
-        r = {"s": time.perf_counter() - t0}
-        if cuda:
-            r.update(allocated_gb=torch.cuda.max_memory_allocated() / 1e9,
-                     reserved_gb=torch.cuda.max_memory_reserved() / 1e9)  # fmt: skip
+            torch.cuda.empty_cache()  # each run's reserve from the same start
+        _, r = timed_peaks(lambda: pipe.encode(image, "a prompt", "a negative prompt", f, h, w), cuda)
         res[run] = r
         print(setting, run, r, file=sys.stderr, flush=True)
     if cuda:

@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 SETTINGS = {"default": "", "expandable": "expandable_segments:True"}
 
@@ -25,7 +24,7 @@ SETTINGS = {"default": "", "expandable": "expandable_segments:True"}
 def child(model: str, device: str) -> dict:
     import torch
 
-    from bench.common import random_part
+    from bench.common import random_part, timed_peaks
     from x2v.runtime.config import load_model_config
 
     cfg = load_model_config(model)
@@ -38,17 +37,7 @@ def child(model: str, device: str) -> dict:
     res = {"video": [f, h, w]}
 
     def measure(name, fn):
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        out = fn()
-        if cuda:
-            torch.cuda.synchronize()
-        r = {"s": time.perf_counter() - t0}
-        if cuda:
-            r.update(allocated_gb=torch.cuda.max_memory_allocated() / 1e9,
-                     reserved_gb=torch.cuda.max_memory_reserved() / 1e9)  # fmt: skip
+        out, r = timed_peaks(fn, cuda)
         res[name] = r
         print(name, r, file=sys.stderr, flush=True)
         return out
