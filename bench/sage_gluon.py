@@ -84,6 +84,22 @@ def p_operand(p, P_L: gl.constexpr):
 
 
 @gluon.jit
+def loop_state(QS, KS, pid_bh, Lq, n_kblocks, row0, S_L: gl.constexpr, O_L: gl.constexpr, BLOCK_M: gl.constexpr,
+               BLOCK_N: gl.constexpr, D: gl.constexpr):  # fmt: skip
+    """What the key loop of a Q tile starting at row0 starts from: (Q's row scales, K's scales of this head,
+    running max, running sum, accumulator, zero score and output tiles for the MMAs, key offsets)."""
+    offs_m = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, S_L))
+    qs = gl.load(QS + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, S_L))
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, S_L))
+    acc = gl.zeros([BLOCK_M, D], gl.float32, layout=O_L)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=S_L)
+    o_zero = gl.zeros([BLOCK_M, D], gl.float32, layout=O_L)
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L))
+    return qs, KS + pid_bh * n_kblocks, m_i, l_i, acc, s_zero, o_zero, offs_n
+
+
+@gluon.jit
 def _step(s_int, m_i, l_i, scale, valid, acc, v_tile, o_zero, P_L: gl.constexpr, MASK: gl.constexpr):
     """Softmax of one key block, the running accumulator rescaled, and that block's P.V issued asynchronously
     into a fresh accumulator (the caller waits for it): (acc, P.V token, l_i, m_i)."""
@@ -135,15 +151,9 @@ def attn_gluon(Q, K, V, QS, KS, VS, Out, Lq, Lk, L_pad, H, n_kblocks,
     fence_async_shared()
     gl.thread_barrier()
 
-    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, S_L))
-    qs = gl.load(QS + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-    ks_ptr = KS + pid_bh * n_kblocks
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, S_L))
-    l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, S_L))
-    acc = gl.zeros([BLOCK_M, D], gl.float32, layout=O_L)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=S_L)
-    o_zero = gl.zeros([BLOCK_M, D], gl.float32, layout=O_L)
-    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L))
+    qs, ks_ptr, m_i, l_i, acc, s_zero, o_zero, offs_n = loop_state(
+        QS, KS, pid_bh, Lq, n_kblocks, pid_m * BLOCK_M, S_L, O_L, BLOCK_M, BLOCK_N, D
+    )
 
     s_cur = warpgroup_mma(q_smem, k_buf.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     s_cur = warpgroup_mma_wait(num_outstanding=0, deps=(s_cur,))

@@ -28,7 +28,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from bench.sage_gluon import _softmax, _step, check_variants, p_operand
+from bench.sage_gluon import _softmax, _step, check_variants, loop_state, p_operand
 
 
 @gluon.jit
@@ -54,11 +54,9 @@ def _block(q_tile, k_bufs, v_bufs, ready, empty, turn, j, acc, l_i, m_i, qs, ks_
     """Key block j: wait for its slot, Q.K^T, softmax, P.V, release the slot -> (acc, l_i, m_i)."""
     s = j % NUM_STAGES
     mbarrier.wait(ready.index(s), (j // NUM_STAGES) & 1)
-    if PINGPONG:  # my turn to issue: the other warpgroup has issued its Q.K^T of the previous block
-        mbarrier.wait(turn.index(WG), j & 1)
+    _issue_turn(turn, j, WG, PINGPONG)  # the other warpgroup has issued its Q.K^T of the previous block
     s_tok = warpgroup_mma(q_tile, k_bufs.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-    if PINGPONG:
-        mbarrier.arrive(turn.index(1 - WG), count=1)
+    _pass_turn(turn, WG, PINGPONG)
     s_int = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
     valid = (j * BLOCK_N + offs_n) < Lk
     acc, o_tok, l_i, m_i = _step(s_int, m_i, l_i, qs * gl.load(ks_ptr + j * BLOCK_N // KS_BLOCK), valid, acc,
@@ -120,15 +118,9 @@ def _attend(q_smem, k_bufs, v_bufs, q_bar, ready, empty, turn, QS, KS, VS, Out, 
                                                   instr_shape=[16, D, 32])  # fmt: skip
     P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=4)
     row0 = (pid_m * 2 + WG) * BLOCK_M
-    offs_m = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, S_L))
-    qs = gl.load(QS + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-    ks_ptr = KS + pid_bh * n_kblocks
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, S_L))
-    l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, S_L))
-    acc = gl.zeros([BLOCK_M, D], gl.float32, layout=O_L)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=S_L)
-    o_zero = gl.zeros([BLOCK_M, D], gl.float32, layout=O_L)
-    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L))
+    qs, ks_ptr, m_i, l_i, acc, s_zero, o_zero, offs_n = loop_state(
+        QS, KS, pid_bh, Lq, n_kblocks, row0, S_L, O_L, BLOCK_M, BLOCK_N, D
+    )
     q_tile = q_smem.index(WG)
     mbarrier.wait(q_bar, 0)
     if OVERLAP:  # needs n_kb >= 2 (attend_ws checks)
