@@ -262,8 +262,7 @@ class GPUConfig:
     # SageAttention tile {BLOCK_M, num_warps, num_stages} the engines compile with; None autotunes at each build
     sage_tile: dict | None = None
     # CUDA caching allocator with expandable segments: freed memory serves requests of any size, so the
-    # reserve follows the allocated peak (the fp8 table row reserved 30.7 GB for a 21.8 GB allocated peak,
-    # all of the gap in the encode phase's VAE encode)
+    # reserve follows the allocated peak more closely (bench/results/vae_memory-h200.json)
     expandable_segments: bool = False
 
     @property
