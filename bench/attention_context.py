@@ -1,0 +1,171 @@
+"""Why the attention kernels run slower inside the block engine than alone: layout or context?
+
+    python bench/attention_context.py [--out DIR]     (writes attention_context-<card>.json)
+
+In `block_engine-h200.json` the SageAttention kernel took 31.0 ms a call inside the FP8 block engine against
+26.2-27.2 ms in `bench/attention.py`, and cuDNN's SDPA 39.7 ms (bf16 block) / 44.2 ms (FP8 block) against
+35-36 ms alone. Two candidate causes, timed here side by side on the same inputs (1x40x32760x128):
+
+- layout: `bench/attention.py` hands the kernel Q/K in [B, H, L, D] memory (the quantization kernels write
+  that), while inside an engine Inductor may keep the int8 Q/K in the DiT's [B, L, H, D] memory (`quantize_fused`
+  starts from a transposed view). Both are timed, and the strides Inductor gives them are read from the code
+  torch.compile generates for a block-like producer (norm, RoPE-free) of Q/K/V feeding the op;
+- context: the kernel between one block's FP8 GEMMs (as in the engine) instead of back to back. Only the
+  attention's own GPU time is timed (events around it), and the SM clock and power are sampled by nvidia-smi.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+from bench.attention import make_inputs, pinned_tile, sdpa
+from bench.common import write_result
+from x2v.plugins import sage_attention as sage
+from x2v.plugins import sage_kernels as K
+
+B, H, L, D = 1, 40, 32760, 128
+DIM, FFN = 5120, 13824
+
+
+class Clocks:
+    """SM clock (MHz) and power (W) sampled every 20 ms by nvidia-smi while the block runs."""
+
+    def __enter__(self):
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".csv")
+        self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                                      "-lms", "20"], stdout=self.log, stderr=subprocess.DEVNULL)  # fmt: skip
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait()
+        self.log.seek(0)
+        rows = [r.split(",") for r in self.log.read().splitlines() if r.count(",") == 1]
+        vals = [(float(a), float(b)) for a, b in rows if a.strip().replace(".", "").isdigit()]
+        self.result = {"samples": len(vals)}
+        if vals:
+            self.result.update(sm_mhz_median=statistics.median(v[0] for v in vals),
+                               power_w_median=statistics.median(v[1] for v in vals))  # fmt: skip
+
+
+def gemms_of_a_block(x8, scale):
+    """One block's token-sized FP8 GEMMs (self-attention q, k, v, o; cross-attention q, o; the FFN)."""
+    w = [torch.randn(DIM, DIM, device="cuda").to(torch.float8_e4m3fn) for _ in range(6)]
+    w1 = torch.randn(FFN, DIM, device="cuda").to(torch.float8_e4m3fn)
+    w2 = torch.randn(DIM, FFN, device="cuda").to(torch.float8_e4m3fn)
+    h8 = torch.randn(x8.shape[0], FFN, device="cuda").to(torch.float8_e4m3fn)
+
+    def run():
+        for wi in w:
+            torch._scaled_mm(x8, wi.t(), scale, scale, out_dtype=torch.bfloat16)
+        torch._scaled_mm(x8, w1.t(), scale, scale, out_dtype=torch.bfloat16)
+        torch._scaled_mm(h8, w2.t(), scale, scale, out_dtype=torch.bfloat16)
+
+    return run
+
+
+def timed(attn, between=None, rounds: int = 12, warmup: int = 3) -> dict:
+    """Median GPU ms of `attn` alone, with `between` (the GEMMs) queued before each call when given."""
+    times = []
+    with Clocks() as clk:
+        for _ in range(warmup + rounds):
+            if between is not None:
+                between()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            attn()
+            e.record()
+            if between is not None:
+                between()
+            times.append((s, e))
+        torch.cuda.synchronize()
+    ms = [s.elapsed_time(e) for s, e in times[warmup:]]
+    return {
+        "median_ms": statistics.median(ms),
+        "min_ms": min(ms),
+        "max_ms": max(ms),
+        "reps": rounds,
+        **clk.result,
+    }
+
+
+def blhd(x: torch.Tensor) -> torch.Tensor:
+    """Same values as a [B, H, L, D] tensor, stored in [B, L, H, D] memory."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def compiled_layout(q, k, v) -> dict:
+    """Strides of the int8 Q/K buffers in the code torch.compile generates for a Q/K/V producer feeding the op."""
+    from torch._inductor.utils import run_and_get_code
+
+    def block_like(x, wq, wk, wv, g):
+        def proj(w):
+            y = x @ w
+            return (y * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-6) * g).to(x.dtype)
+
+        return sage.sage_attention(*(proj(w).view(1, -1, H, D) for w in (wq, wk, wv)))
+
+    x = q.reshape(1, -1, H * D)
+    w = [torch.randn(DIM, DIM, device="cuda", dtype=torch.bfloat16) * DIM**-0.5 for _ in range(3)]
+    g = torch.ones(DIM, device="cuda", dtype=torch.bfloat16)
+    with sage.pinned_tile(pinned_tile()[1]):
+        _, codes = run_and_get_code(torch.compile(block_like, fullgraph=True), x, *w, g)
+    lines = [ln.strip() for code in codes for ln in code.splitlines()
+             if "empty_strided_cuda" in ln and "torch.int8" in ln]  # fmt: skip
+    return {"int8_buffers": lines}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    gpu, tile = pinned_tile()
+    q, k, v = make_inputs(B, H, L, D, "realistic", gen)
+    q8, qs, k8, ks, v8, vs = sage.quantize_pass(q, k, v)
+    out = torch.empty_like(q)
+
+    def sage_call(qq, kk):
+        return lambda: sage.attend(qq, qs, kk, ks, v8, vs, out, lambda f: f, K.attn_body, **tile)
+
+    x8 = torch.randn(L, DIM, device="cuda").to(torch.float8_e4m3fn)
+    between = gemms_of_a_block(x8, torch.tensor(1.0, device="cuda"))
+    qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # [B, H, L, D] memory for SDPA
+    cases = {
+        "sage_bhld_alone": (sage_call(q8, k8), None),
+        "sage_blhd_alone": (sage_call(blhd(q8), blhd(k8)), None),
+        "sage_bhld_between_gemms": (sage_call(q8, k8), between),
+        "sage_blhd_between_gemms": (sage_call(blhd(q8), blhd(k8)), between),
+        "sdpa_blhd_alone": (lambda: sdpa(q, k, v), None),
+        "sdpa_bhld_alone": (lambda: F.scaled_dot_product_attention(qh, kh, vh), None),
+        "sdpa_blhd_between_gemms": (lambda: sdpa(q, k, v), between),
+        "gemms_alone": (between, None),
+    }
+    res = {}
+    for rnd in range(2):  # two passes in turn, so drift shows as a difference between them
+        for name, (fn, btw) in cases.items():
+            r = timed(fn, btw)
+            res.setdefault(name, []).append(r)
+            print(f"pass {rnd} {name:26s} {r['median_ms']:7.2f} ms (min {r['min_ms']:.2f}) "
+                  f"SM {r.get('sm_mhz_median', 0):.0f} MHz {r.get('power_w_median', 0):.0f} W", flush=True)  # fmt: skip
+    # Same values either way: the layout changes addresses only.
+    sage.attend(blhd(q8), qs, blhd(k8), ks, v8, vs, out, lambda f: f, K.attn_body, **tile)
+    alt = out.clone()
+    sage.attend(q8, qs, k8, ks, v8, vs, out, lambda f: f, K.attn_body, **tile)
+    same = bool(torch.equal(alt, out))
+    layout = compiled_layout(q, k, v)
+    print("compiled int8 buffers:", *layout["int8_buffers"], sep="\n  ")
+    path = write_result("attention_context", {"shape": [B, H, L, D], "gpu_config": gpu, "tile": tile,
+                                              "cases": res, "layouts_bit_identical": same,
+                                              "compiled": layout}, args.out)  # fmt: skip
+    print(f"layouts bit-identical: {same}; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
