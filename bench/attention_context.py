@@ -71,7 +71,8 @@ def gemms_of_a_block(x8, scale):
 
 
 def timed(attn, between=None, rounds: int = 12, warmup: int = 3) -> dict:
-    """Median GPU ms of `attn` alone, with `between` (the GEMMs) queued before each call when given."""
+    """Median GPU ms of `attn` alone, with `between` (the GEMMs) queued before and after each call when
+    given (so twice a block's GEMMs per attention call: more GEMM than in the engine)."""
     times = []
     with Clocks() as clk:
         for _ in range(warmup + rounds):
@@ -147,12 +148,31 @@ def main():
         "sdpa_blhd_between_gemms": (lambda: sdpa(q, k, v), between),
         "gemms_alone": (between, None),
     }
+    # Other kernels of the same arithmetic (bench/NOTES.md): if the card is power-bound, the one spending the
+    # least energy per call wins between the GEMMs even where it ties alone.
+    for bm, w, st in ((64, 4, 2), (128, 8, 3), (128, 8, 2)):
+        cfg = dict(BLOCK_M=bm, num_warps=w, num_stages=st)
+        call = lambda cfg=cfg: sage.attend(q8, qs, k8, ks, v8, vs, out, lambda f: f, K.attn_body, **cfg)  # noqa: E731
+        cases[f"sage_{bm}_{w}_{st}_alone"], cases[f"sage_{bm}_{w}_{st}_between_gemms"] = (
+            (call, None),
+            (call, between),
+        )
+    try:
+        from bench.sage_ws import attend_ws
+
+        ws = lambda: attend_ws(q8, qs, k8, ks, v8, vs, out, block_m=64, stages=3)  # noqa: E731
+        ws()
+        cases["sage_ws_alone"], cases["sage_ws_between_gemms"] = (ws, None), (ws, between)
+    except Exception as e:  # Gluon is experimental: a failure is reported, the rest still runs
+        print(f"warp-specialized kernel skipped: {type(e).__name__}: {str(e)[:200]}")
     res = {}
     for rnd in range(2):  # two passes in turn, so drift shows as a difference between them
         for name, (fn, btw) in cases.items():
             r = timed(fn, btw)
             res.setdefault(name, []).append(r)
-            print(f"pass {rnd} {name:26s} {r['median_ms']:7.2f} ms (min {r['min_ms']:.2f}) "
+            if btw is None:  # between GEMMs the power sampled is theirs too
+                r["energy_j"] = r.get("power_w_median", 0) * r["median_ms"] / 1e3
+            print(f"pass {rnd} {name:30s} {r['median_ms']:7.2f} ms (min {r['min_ms']:.2f}) "
                   f"SM {r.get('sm_mhz_median', 0):.0f} MHz {r.get('power_w_median', 0):.0f} W", flush=True)  # fmt: skip
     # Same values either way: the layout changes addresses only.
     sage.attend(blhd(q8), qs, blhd(k8), ks, v8, vs, out, lambda f: f, K.attn_body, **tile)
