@@ -17,6 +17,7 @@ In `block_engine-h200.json` the SageAttention kernel took 31.0 ms a call inside 
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import subprocess
 import tempfile
@@ -34,11 +35,13 @@ DIM, FFN = 5120, 13824
 
 
 class Clocks:
-    """SM clock (MHz) and power (W) sampled every 20 ms by nvidia-smi while the block runs."""
+    """SM clock (MHz), power (W) and the driver's active clock-event reasons, sampled every 20 ms by nvidia-smi."""
+
+    QUERY = "clocks.sm,power.draw,clocks_event_reasons.active"
 
     def __enter__(self):
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".csv")
-        self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+        self.proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits",
                                       "-lms", "20"], stdout=self.log, stderr=subprocess.DEVNULL)  # fmt: skip
         return self
 
@@ -46,26 +49,36 @@ class Clocks:
         self.proc.terminate()
         self.proc.wait()
         self.log.seek(0)
-        rows = [r.split(",") for r in self.log.read().splitlines() if r.count(",") == 1]
-        vals = [(float(a), float(b)) for a, b in rows if a.strip().replace(".", "").isdigit()]
+        vals = []
+        for row in self.log.read().splitlines():
+            try:
+                mhz, watts, reasons = (c.strip() for c in row.split(","))
+                vals.append((float(mhz), float(watts), reasons))
+            except ValueError:  # a partial line at terminate
+                continue
         self.result = {"samples": len(vals)}
         if vals:
             self.result.update(sm_mhz_median=statistics.median(v[0] for v in vals),
-                               power_w_median=statistics.median(v[1] for v in vals))  # fmt: skip
+                               power_w_median=statistics.median(v[1] for v in vals),
+                               reasons=dict(collections.Counter(v[2] for v in vals)))  # fmt: skip
 
 
-def gemms_of_a_block(x8, scale):
-    """One block's token-sized FP8 GEMMs (self-attention q, k, v, o; cross-attention q, o; the FFN)."""
-    w = [torch.randn(DIM, DIM, device="cuda").to(torch.float8_e4m3fn) for _ in range(6)]
-    w1 = torch.randn(FFN, DIM, device="cuda").to(torch.float8_e4m3fn)
-    w2 = torch.randn(DIM, FFN, device="cuda").to(torch.float8_e4m3fn)
-    h8 = torch.randn(x8.shape[0], FFN, device="cuda").to(torch.float8_e4m3fn)
+def gemms_of_a_block(dtype):
+    """One block's token-sized GEMMs (self-attention q, k, v, o; cross-attention q, o; the FFN), FP8 through
+    `torch._scaled_mm` or bf16."""
+    r = lambda *shape: torch.randn(*shape, device="cuda").to(dtype)  # noqa: E731
+    x, h, w, w1, w2 = r(L, DIM), r(L, FFN), [r(DIM, DIM) for _ in range(6)], r(FFN, DIM), r(DIM, FFN)
+    one = torch.tensor(1.0, device="cuda")
+    if dtype == torch.bfloat16:
+        mm = torch.mm
+    else:
+        mm = lambda a, b: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16)  # noqa: E731
 
     def run():
         for wi in w:
-            torch._scaled_mm(x8, wi.t(), scale, scale, out_dtype=torch.bfloat16)
-        torch._scaled_mm(x8, w1.t(), scale, scale, out_dtype=torch.bfloat16)
-        torch._scaled_mm(h8, w2.t(), scale, scale, out_dtype=torch.bfloat16)
+            mm(x, wi.t())
+        mm(x, w1.t())
+        mm(h, w2.t())
 
     return run
 
@@ -135,8 +148,8 @@ def main():
     def sage_call(qq, kk):
         return lambda: sage.attend(qq, qs, kk, ks, v8, vs, out, lambda f: f, K.attn_body, **tile)
 
-    x8 = torch.randn(L, DIM, device="cuda").to(torch.float8_e4m3fn)
-    between = gemms_of_a_block(x8, torch.tensor(1.0, device="cuda"))
+    between = gemms_of_a_block(torch.float8_e4m3fn)
+    between_bf16 = gemms_of_a_block(torch.bfloat16)
     qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # [B, H, L, D] memory for SDPA
     cases = {
         "sage_bhld_alone": (sage_call(q8, k8), None),
@@ -147,6 +160,9 @@ def main():
         "sdpa_bhld_alone": (lambda: F.scaled_dot_product_attention(qh, kh, vh), None),
         "sdpa_blhd_between_gemms": (lambda: sdpa(q, k, v), between),
         "gemms_alone": (between, None),
+        "sage_bhld_between_bf16_gemms": (sage_call(q8, k8), between_bf16),
+        "sdpa_blhd_between_bf16_gemms": (lambda: sdpa(q, k, v), between_bf16),
+        "bf16_gemms_alone": (between_bf16, None),
     }
     # Other kernels of the same arithmetic (bench/NOTES.md): if the card is power-bound, the one spending the
     # least energy per call wins between the GEMMs even where it ties alone.
@@ -173,7 +189,7 @@ def main():
             if btw is None:  # between GEMMs the power sampled is theirs too
                 r["energy_j"] = r.get("power_w_median", 0) * r["median_ms"] / 1e3
             print(f"pass {rnd} {name:30s} {r['median_ms']:7.2f} ms (min {r['min_ms']:.2f}) "
-                  f"SM {r.get('sm_mhz_median', 0):.0f} MHz {r.get('power_w_median', 0):.0f} W", flush=True)  # fmt: skip
+                  f"SM {r.get('sm_mhz_median', 0):.0f} MHz {r.get('power_w_median', 0):.0f} W {r.get('reasons')}", flush=True)  # fmt: skip
     # Same values either way: the layout changes addresses only.
     sage.attend(blhd(q8), qs, blhd(k8), ks, v8, vs, out, lambda f: f, K.attn_body, **tile)
     alt = out.clone()
