@@ -83,30 +83,42 @@ def gemms_of_a_block(dtype):
     return run
 
 
+PROBE_CYCLES = 1_000_000  # ~0.5 ms; the launch gap inside the events (a few us) biases all cases alike
+
+
+def probe(events: list) -> None:
+    """Queue a spin of PROBE_CYCLES SM cycles (torch.cuda._sleep) between two events: cycles over its elapsed
+    time is the SM clock at that point of the stream, which nvidia-smi's 20 ms samples cannot place."""
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    torch.cuda._sleep(PROBE_CYCLES)
+    e.record()
+    events.append((s, e))
+
+
 def timed(attn, between=None, rounds: int = 12, warmup: int = 3) -> dict:
     """Median GPU ms of `attn` alone, with `between` (the GEMMs) queued before and after each call when
-    given (so twice a block's GEMMs per attention call: more GEMM than in the engine)."""
-    times = []
+    given (so twice a block's GEMMs per attention call: more GEMM than in the engine); and the SM clock
+    right before and after each call, from probe()."""
+    times, before, after = [], [], []
     with Clocks() as clk:
         for _ in range(warmup + rounds):
             if between is not None:
                 between()
+            probe(before)
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             attn()
             e.record()
+            probe(after)
             if between is not None:
                 between()
             times.append((s, e))
         torch.cuda.synchronize()
     ms = [s.elapsed_time(e) for s, e in times[warmup:]]
-    return {
-        "median_ms": statistics.median(ms),
-        "min_ms": min(ms),
-        "max_ms": max(ms),
-        "reps": rounds,
-        **clk.result,
-    }
+    mhz = lambda evs: statistics.median(PROBE_CYCLES / (s.elapsed_time(e) * 1e3) for s, e in evs[warmup:])  # noqa: E731
+    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms), "reps": rounds,
+            "probe_mhz_before": mhz(before), "probe_mhz_after": mhz(after), **clk.result}  # fmt: skip
 
 
 def blhd(x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +201,8 @@ def main():
             if btw is None:  # between GEMMs the power sampled is theirs too
                 r["energy_j"] = r.get("power_w_median", 0) * r["median_ms"] / 1e3
             print(f"pass {rnd} {name:30s} {r['median_ms']:7.2f} ms (min {r['min_ms']:.2f}) "
-                  f"SM {r.get('sm_mhz_median', 0):.0f} MHz {r.get('power_w_median', 0):.0f} W {r.get('reasons')}", flush=True)  # fmt: skip
+                  f"probe {r['probe_mhz_before']:.0f}/{r['probe_mhz_after']:.0f} MHz, nvidia-smi SM {r.get('sm_mhz_median', 0):.0f} MHz "
+                  f"{r.get('power_w_median', 0):.0f} W {r.get('reasons')}", flush=True)  # fmt: skip
     # Same values either way: the layout changes addresses only.
     sage.attend(blhd(q8), qs, blhd(k8), ks, v8, vs, out, lambda f: f, K.attn_body, **tile)
     alt = out.clone()

@@ -199,10 +199,13 @@ def run_row(args) -> dict:
         result = pipe.generate(image=IMAGE if cfg.dit.i2v else None, prompt=PROMPT,
                                progress=lambda i: (sync(), marks.append(time.perf_counter())), **kw)  # fmt: skip
         mp4 = work / f"{args.row}.mp4"
+        t_write = time.perf_counter()
         write_mp4(result.frames, mp4, fps=s.fps)
-    e2e = time.perf_counter() - t0
+        t_end = time.perf_counter()
+    e2e = t_end - t0
     row = {"row": args.row, "model": cfg.name, "steps": result.steps_total, "steps_computed": result.steps_computed,
            "full_steps": full, "teacache": result.teacache, "load_s": pipe.load_s, "load_phases": pipe.load_phases, "e2e_s": e2e,
+           "write_s": t_end - t_write,
            **{k: v for k, v in result.timings.items() if k != "load_s"}, **driver}  # fmt: skip
     if hasattr(pipe, "load_profile"):
         row["load_profile"] = pipe.load_profile
