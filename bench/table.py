@@ -283,7 +283,7 @@ def render(args) -> Path:
         f"# x2v speed table: {card}",
         "",
         "| row | steps | load s | end-to-end s | projected full s | peak GB (denoise) | reserved / driver GB | speedup | latents rel L2 | video PSNR dB | "
-        "pre / blocks / post ms (one step) | encode / decode s |",
+        "pre / blocks / post ms (one step) | encode / decode / MP4 s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v, spec: "-" if v is None or v != v else format(v, spec)  # noqa: E731 (None, NaN -> "-")
@@ -299,7 +299,7 @@ def render(args) -> Path:
             f"{speedup(r, base)} | {fmt(r.get('latents_rel_l2_vs_baseline'), '.3f')} | "
             f"{fmt(r.get('video_psnr_vs_baseline_db'), '.1f')} | "
             f"{b['pre_ms']:.0f} / {b['blocks_ms']:.0f} / {b['post_ms']:.0f} | "
-            f"{r['encode_s']:.2f} / {r['decode_s']:.2f} |"
+            f"{r['encode_s']:.2f} / {r['decode_s']:.2f} / {fmt(r.get('write_s'), '.2f')} |"
         )
     env = next(iter(rows.values()))["env"]
     commits = ", ".join(sorted({r["env"]["git_commit"][:7] for r in rows.values()}))

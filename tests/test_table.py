@@ -50,6 +50,8 @@ def test_table_rows_and_render(tiny_ckpt, tiny_cfg, tmp_path):
     fp8 = json.loads((rows / "fp8.json").read_text())
     assert fp8["steps"] == 4 and fp8["full_steps"] == 8 and fp8["e2e_projected_s"] > fp8["e2e_s"]
     assert {"check_s", "dit_weights_s", "engines_s", "encoders_vae_s"} <= set(fp8["load_phases"])
+    parts = fp8["encode_s"] + fp8["denoise_s"] + fp8["decode_s"] + fp8["write_s"]
+    assert 0 < fp8["write_s"] and parts <= fp8["e2e_s"]  # the end-to-end time is its phases plus small change
     assert 0 < fp8["latents_rel_l2_vs_baseline"] < 0.5 and fp8["video_psnr_vs_baseline_db"] > 10
     sage = json.loads((rows / "sage-bf16.json").read_text())  # on the CPU SageAttention falls back to SDPA
     assert sage["latents_rel_l2_vs_baseline"] < 1e-5
