@@ -10,8 +10,12 @@ In `block_engine-h200.json` the SageAttention kernel took 31.0 ms a call inside 
   that), while inside an engine Inductor may keep the int8 Q/K in the DiT's [B, L, H, D] memory (`quantize_fused`
   starts from a transposed view). Both are timed, and the strides Inductor gives them are read from the code
   torch.compile generates for a block-like producer (norm, RoPE-free) of Q/K/V feeding the op;
-- context: the kernel between one block's FP8 GEMMs (as in the engine) instead of back to back. Only the
-  attention's own GPU time is timed (events around it), and the SM clock and power are sampled by nvidia-smi.
+- context: the kernel between one block's GEMMs (FP8 as in the engine, or bf16) instead of back to back, for
+  the engines' tile, three other tiles and the warp-specialized Gluon kernel (`bench/sage_ws.py`). Only the
+  attention's own GPU time is timed (events around it). The SM clock is read in the stream right before and
+  after each call (a fixed-cycle spin between two events); nvidia-smi samples the clock, the power and the
+  driver's clock-event reasons every 20 ms besides (its power reading is smoothed over a longer window, so for
+  cases this short it mixes in the neighbours'; the in-stream clock is the one to compare).
 """
 
 from __future__ import annotations
@@ -176,8 +180,8 @@ def main():
         "sdpa_blhd_between_bf16_gemms": (lambda: sdpa(q, k, v), between_bf16),
         "bf16_gemms_alone": (between_bf16, None),
     }
-    # Other kernels of the same arithmetic (bench/NOTES.md): if the card is power-bound, the one spending the
-    # least energy per call wins between the GEMMs even where it ties alone.
+    # Other kernels of the same arithmetic (bench/NOTES.md): if the card is power-bound, one that spends less
+    # energy per call could win between the GEMMs even where it ties alone.
     for bm, w, st in ((64, 4, 2), (128, 8, 3), (128, 8, 2)):
         cfg = dict(BLOCK_M=bm, num_warps=w, num_stages=st)
         call = lambda cfg=cfg: sage.attend(q8, qs, k8, ks, v8, vs, out, lambda f: f, K.attn_body, **cfg)  # noqa: E731
@@ -198,8 +202,6 @@ def main():
         for name, (fn, btw) in cases.items():
             r = timed(fn, btw)
             res.setdefault(name, []).append(r)
-            if btw is None:  # between GEMMs the power sampled is theirs too
-                r["energy_j"] = r.get("power_w_median", 0) * r["median_ms"] / 1e3
             print(f"pass {rnd} {name:30s} {r['median_ms']:7.2f} ms (min {r['min_ms']:.2f}) "
                   f"probe {r['probe_mhz_before']:.0f}/{r['probe_mhz_after']:.0f} MHz, nvidia-smi SM {r.get('sm_mhz_median', 0):.0f} MHz "
                   f"{r.get('power_w_median', 0):.0f} W {r.get('reasons')}", flush=True)  # fmt: skip
