@@ -273,13 +273,15 @@ class WanVAE(nn.Module):
         return (mu - mean) / std
 
     def decode_tiled(
-        self, z: torch.Tensor, tile: int = 32, overlap: int = 8, chunk: int | None = 1
+        self, z: torch.Tensor, tile: int = 32, overlap: int = 8, chunk: int | None = 1, on_frames=None
     ) -> torch.Tensor:
         """decode() in spatial tiles of `tile` x `tile` latents overlapping by `overlap`, blended linearly:
-        activation memory of one tile instead of the whole frame. Equal to decode() when one tile covers it."""
+        activation memory of one tile instead of the whole frame. Equal to decode() when one tile covers it.
+        on_frames gets the whole video at the end (tiles are decoded one after the other through all frames,
+        so that one tile's causal cache is alive at a time)."""
         _, _, _, h, w = z.shape
         if h <= tile and w <= tile:
-            return self.decode(z, chunk)
+            return self.decode(z, chunk, on_frames)
         if not 0 < overlap < tile:
             raise ValueError(f"tile overlap must be in (0, {tile}), got {overlap}")
         out = weight = None
@@ -295,20 +297,25 @@ class WanVAE(nn.Module):
                     weight = part.new_zeros(8 * h, 8 * w)
                 out[..., 8 * y0 : 8 * y1, 8 * x0 : 8 * x1] += part * wgt
                 weight[8 * y0 : 8 * y1, 8 * x0 : 8 * x1] += wgt
-        return out / weight
+        out = out / weight
+        if on_frames is not None:
+            on_frames(out)
+        return out
 
-    def decode(self, z: torch.Tensor, chunk: int | None = 1) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, chunk: int | None = 1, on_frames=None) -> torch.Tensor:
         """normalized latent [B, z, T, h, w] -> video [B, 3, 4(T-1)+1, 8h, 8w] in [-1, 1].
 
         chunk: latent frames per decoder pass (1 as the official code; None decodes the whole sequence).
+        on_frames: called with each chunk's frames as soon as they are decoded (the MP4 writer encodes them
+        while the next chunk decodes).
         """
         mean, std = self._stats(z)
         x = self.conv2((z.float() * std + mean).to(self.conv2.weight.dtype))
-        if chunk is None:
-            out = self.decoder(x)
-        else:
-            cache = {}
-            out = torch.cat(
-                [self.decoder(x[:, :, i : i + chunk], cache) for i in range(0, x.shape[2], chunk)], dim=2
-            )
-        return out.float().clamp_(-1, 1)
+        cache = None if chunk is None else {}
+        step = x.shape[2] if chunk is None else chunk
+        parts = []
+        for i in range(0, x.shape[2], step):
+            parts.append(self.decoder(x[:, :, i : i + step], cache).float().clamp_(-1, 1))
+            if on_frames is not None:
+                on_frames(parts[-1])
+        return torch.cat(parts, dim=2)

@@ -78,12 +78,9 @@ def generate(ckpt, engines, model, image, prompt, negative_prompt, out, steps, s
             result = pipe.generate(image=image, prompt=prompt, negative_prompt=negative_prompt, steps=steps, seed=seed,
                                    teacache=teacache, teacache_signal=teacache_signal, frames=frames, height=height,
                                    width=width, batch_cfg=not sequential_cfg, decode_tile=vae_tile,
-                                   progress=lambda i: bar.update())  # fmt: skip
+                                   progress=lambda i: bar.update(), out=out)  # fmt: skip
     except (ConfigError, CheckpointError, InputError, EngineError, FileNotFoundError) as e:
         _fail(e)
-    from x2v.runtime.video import write_mp4
-
-    write_mp4(result.frames, out, fps=s.fps)
     if save_latents:
         from safetensors.torch import save_file
 

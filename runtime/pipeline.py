@@ -6,6 +6,7 @@ result = pipe.generate(image="cat.png", prompt="a cat walks on the beach", seed=
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -259,9 +260,11 @@ class Pipeline:
                  seed: int = 0, teacache: float = 0.0, teacache_signal: str = "e", guide_scale: float | None = None,
                  shift: float | None = None, frames: int | None = None, height: int | None = None,
                  width: int | None = None, batch_cfg: bool = True, decode_chunk: int | None = None,
-                 decode_tile: int | None = None, progress=None, skip_plan=None) -> Result:  # fmt: skip
+                 decode_tile: int | None = None, progress=None, skip_plan=None, out: str | Path | None = None) -> Result:  # fmt: skip
         """skip_plan: an explicit TeaCachePlan (e.g. a published schedule) instead of computing one.
-        decode_tile: decode the video in spatial tiles of this many latents (a quarter overlapping)."""
+        decode_tile: decode the video in spatial tiles of this many latents (a quarter overlapping).
+        out: also write the MP4 there, encoding each decoded chunk while the next one decodes (whole-frame
+        decode; tiled and engine VAEs hand over the video at the end); complete when generate returns."""
         s = self.cfg.sample
         frames, height, width = frames or s.frames, height or s.height, width or s.width
         guide_scale = s.guide_scale if guide_scale is None else guide_scale
@@ -280,67 +283,91 @@ class Pipeline:
                     f"this request is {frames}x{h}x{w}: build that profile with `x2v-export build --profile {frames}x{h}x{w}`"
                 )
             batch_cfg = False
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        timings = {"load_s": self.load_s}
+        writer = None
+        if out is not None:  # opened first: a bad path or a missing PyAV fails before the heavy work
+            from x2v.runtime.video import Mp4Writer
 
-        t0 = time.perf_counter()
-        cond, uncond, shape = self.encode(
-            image, prompt, negative_prompt or WAN_NEGATIVE_PROMPT, frames, height, width
-        )
-        timings["encode_s"] = self._lap(t0)
-        self._phase_peak(timings, "encode")
+            try:
+                writer = Mp4Writer(out, fps=s.fps)
+            except OSError as e:
+                raise InputError(f"cannot write the video to {out}: {e}") from e
+        with writer or contextlib.nullcontext():  # on an error the partial MP4 goes
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            timings = {"load_s": self.load_s}
 
-        shift = s.shift if shift is None else shift
-        if s.solver == "euler":
-            schedule = euler_schedule(s.timesteps, shift)
-        else:
-            schedule = unipc_schedule(steps or s.steps, shift)
-        plan = skip_plan
-        if plan is not None and len(plan.computes) != len(schedule.timesteps):
-            raise InputError(
-                f"skip_plan has {len(plan.computes)} steps, the schedule {len(schedule.timesteps)}"
+            t0 = time.perf_counter()
+            cond, uncond, shape = self.encode(
+                image, prompt, negative_prompt or WAN_NEGATIVE_PROMPT, frames, height, width
             )
-        if teacache > 0 and plan is None:
-            if s.teacache is None:
+            timings["encode_s"] = self._lap(t0)
+            self._phase_peak(timings, "encode")
+
+            shift = s.shift if shift is None else shift
+            if s.solver == "euler":
+                schedule = euler_schedule(s.timesteps, shift)
+            else:
+                schedule = unipc_schedule(steps or s.steps, shift)
+            plan = skip_plan
+            if plan is not None and len(plan.computes) != len(schedule.timesteps):
                 raise InputError(
-                    f"model {self.cfg.name} has no TeaCache coefficients (sample.teacache in its config)"
+                    f"skip_plan has {len(plan.computes)} steps, the schedule {len(schedule.timesteps)}"
                 )
-            coeffs = load_teacache_coefficients(s.teacache, teacache_signal)
-            plan = teacache_plan(
-                self.dit.time, schedule.timesteps, coeffs, teacache, teacache_signal, self.device
+            if teacache > 0 and plan is None:
+                if s.teacache is None:
+                    raise InputError(
+                        f"model {self.cfg.name} has no TeaCache coefficients (sample.teacache in its config)"
+                    )
+                coeffs = load_teacache_coefficients(s.teacache, teacache_signal)
+                plan = teacache_plan(
+                    self.dit.time, schedule.timesteps, coeffs, teacache, teacache_signal, self.device
+                )
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            noise = torch.randn(shape, generator=gen, device=self.device, dtype=torch.float32)
+
+            t0 = time.perf_counter()
+            latents = denoise(self.dit, noise, schedule, make_sampler(s.solver, schedule), cond,
+                              uncond if guide_scale != 1.0 else None, guide_scale, plan, batch_cfg, progress)  # fmt: skip
+            timings["denoise_s"] = self._lap(t0)
+            self._phase_peak(timings, "denoise")
+
+            from x2v.runtime.video import to_uint8
+
+            t0 = time.perf_counter()
+            parts = []
+
+            def emit(video: torch.Tensor) -> None:  # [1, 3, t, H, W] as decoded
+                parts.append(to_uint8(video[0]))
+                if writer is not None:
+                    writer.write(parts[-1])
+
+            if decode_tile:
+                self.vae.decode_tiled(
+                    latents.to(self.dtype),
+                    decode_tile,
+                    max(decode_tile // 4, 1),
+                    decode_chunk,
+                    on_frames=emit,
+                )
+            else:
+                self.vae.decode(latents.to(self.dtype), chunk=decode_chunk, on_frames=emit)
+            frames_u8 = np.concatenate(parts)
+            timings["decode_s"] = self._lap(t0)
+            if writer is not None:  # what encoding adds after the last frame is decoded
+                t0 = time.perf_counter()
+                writer.close()
+                timings["write_s"] = time.perf_counter() - t0
+            if self.device.type == "cuda":
+                self._phase_peak(timings, "decode")
+                timings["peak_gb"] = max(timings[f"peak_{p}_gb"] for p in ("encode", "denoise", "decode"))
+            else:  # the process's peak resident memory (Linux reports KiB)
+                import resource
+
+                timings["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+            n = len(schedule.timesteps)
+            return Result(
+                frames_u8, latents, timings, plan.computed if plan else n, n, plan.describe() if plan else ""
             )
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        noise = torch.randn(shape, generator=gen, device=self.device, dtype=torch.float32)
-
-        t0 = time.perf_counter()
-        latents = denoise(self.dit, noise, schedule, make_sampler(s.solver, schedule), cond,
-                          uncond if guide_scale != 1.0 else None, guide_scale, plan, batch_cfg, progress)  # fmt: skip
-        timings["denoise_s"] = self._lap(t0)
-        self._phase_peak(timings, "denoise")
-
-        t0 = time.perf_counter()
-        if decode_tile:
-            video = self.vae.decode_tiled(
-                latents.to(self.dtype), decode_tile, max(decode_tile // 4, 1), decode_chunk
-            )[0]
-        else:
-            video = self.vae.decode(latents.to(self.dtype), chunk=decode_chunk)[0]
-        from x2v.runtime.video import to_uint8
-
-        frames_u8 = to_uint8(video)
-        timings["decode_s"] = self._lap(t0)
-        if self.device.type == "cuda":
-            self._phase_peak(timings, "decode")
-            timings["peak_gb"] = max(timings[f"peak_{p}_gb"] for p in ("encode", "denoise", "decode"))
-        else:  # the process's peak resident memory (Linux reports KiB)
-            import resource
-
-            timings["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-        n = len(schedule.timesteps)
-        return Result(
-            frames_u8, latents, timings, plan.computed if plan else n, n, plan.describe() if plan else ""
-        )
 
     def _phase_peak(self, timings: dict, phase: str) -> None:
         """GPU memory peaks of the phase that just ended (allocated, and reserved by the caching allocator),

@@ -234,6 +234,19 @@ def test_vae_chunked_equals_whole(tiny_ckpt, tiny_cfg, chunk):
     torch.testing.assert_close(vae.decode(z, chunk=chunk), whole, rtol=1e-5, atol=1e-5)
 
 
+def test_vae_hands_over_each_decoded_chunk_in_order(tiny_ckpt, tiny_cfg):
+    vae = load_part("vae", tiny_ckpt, tiny_cfg)
+    z, parts = torch.randn(1, 16, 4, 2, 2), []
+    video = vae.decode(z, chunk=1, on_frames=parts.append)
+    assert [p.shape[2] for p in parts] == [1, 4, 4, 4]  # latent frame 0 is one frame, every later one four
+    assert torch.equal(torch.cat(parts, dim=2), video)
+    tiled = []
+    vae.decode_tiled(torch.randn(1, 16, 2, 6, 6), tile=4, overlap=2, on_frames=tiled.append)
+    assert [p.shape for p in tiled] == [
+        (1, 3, 5, 48, 48)
+    ]  # tiles run through all frames: the video at the end
+
+
 def test_cli_help_is_fast_and_light():
     code = "import sys; from x2v.runtime.cli import main; from x2v.export.cli import main as m2; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -274,7 +287,7 @@ def test_tiled_decode_blends_tiles_exactly_for_a_local_decoder(tiny_ckpt, tiny_c
     from x2v.export.load import load_part
 
     vae = load_part("vae", tiny_ckpt, tiny_cfg)
-    vae.decode = lambda z, chunk=1: z[:, :3].repeat_interleave(8, -1).repeat_interleave(8, -2)
+    vae.decode = lambda z, chunk=1, on_frames=None: z[:, :3].repeat_interleave(8, -1).repeat_interleave(8, -2)
     z = torch.randn(1, 16, 2, 21, 30)
     for tile, overlap in ((8, 2), (10, 4), (16, 8)):
         torch.testing.assert_close(vae.decode_tiled(z, tile, overlap), vae.decode(z))

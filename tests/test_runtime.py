@@ -13,7 +13,7 @@ from x2v.runtime.denoise import Conditioning, denoise
 from x2v.runtime.pipeline import InputError, Pipeline
 from x2v.runtime.sampler import UniPC, euler_schedule, make_sampler, unipc_schedule
 from x2v.runtime.teacache import plan as teacache_plan
-from x2v.runtime.video import read_mp4
+from x2v.runtime.video import Mp4Writer, read_mp4, write_mp4
 
 EXAMPLE = CONFIG_DIR / "example.png"
 
@@ -128,7 +128,6 @@ def pipe(tiny_ckpt):
 
 def test_generate_is_deterministic_and_writes_a_real_mp4(pipe, tmp_path):
     import x2v.runtime
-    from x2v.runtime.video import write_mp4
 
     assert x2v.runtime.Pipeline is Pipeline
 
@@ -138,6 +137,49 @@ def test_generate_is_deterministic_and_writes_a_real_mp4(pipe, tmp_path):
     assert a.frames.shape == (9, 48, 64, 3) and a.frames.dtype == np.uint8  # 4:3 image at 64x64 area
     frames = read_mp4(write_mp4(a.frames, tmp_path / "v.mp4"))
     assert frames.shape == a.frames.shape
+
+
+def test_generate_streams_the_mp4_while_decoding(pipe, tmp_path):
+    """With `out`, each decoded chunk goes to the encoder at once: the file holds exactly the frames returned."""
+    r = pipe.generate(
+        image=EXAMPLE, prompt="a cat walks on the beach", seed=7, steps=4, out=tmp_path / "s.mp4"
+    )
+    assert r.timings["write_s"] >= 0
+    np.testing.assert_array_equal(
+        read_mp4(tmp_path / "s.mp4"), read_mp4(write_mp4(r.frames, tmp_path / "w.mp4"))
+    )
+
+
+def test_mp4_writer_refuses_frames_that_would_be_rescaled(tmp_path):
+    frames = np.zeros((2, 48, 64, 3), np.uint8)
+    with pytest.raises(ValueError, match="frames of 32x32 after frames of 48x64"):
+        with Mp4Writer(tmp_path / "a.mp4") as w:
+            w.write(frames)
+            w.write(np.zeros((1, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"uint8 \[T, H, W, 3\], got float32"):
+        with Mp4Writer(tmp_path / "b.mp4") as w:
+            w.write(frames.astype(np.float32))
+    assert not (tmp_path / "a.mp4").exists() and not (tmp_path / "b.mp4").exists()  # no partial files left
+
+
+def test_mp4_writer_reports_an_encoding_error_and_removes_the_file(tmp_path, monkeypatch):
+    import av
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("encoder exploded")
+
+    monkeypatch.setattr(av.VideoFrame, "from_ndarray", broken)
+    w = Mp4Writer(tmp_path / "c.mp4")
+    w.write(np.zeros((2, 48, 64, 3), np.uint8))
+    with pytest.raises(RuntimeError, match="c.mp4 failed: encoder exploded"):
+        w.close()
+    assert not (tmp_path / "c.mp4").exists()
+
+
+def test_an_unwritable_output_fails_before_any_work(pipe, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match="cannot write the video to"):
+        pipe.generate(image=EXAMPLE, prompt="x", out=tmp_path / "file" / "v.mp4")
 
 
 @pytest.mark.parametrize("kwargs, message", [
