@@ -57,12 +57,13 @@ def generate(ckpt, engines, model, image, prompt, negative_prompt, out, steps, s
     from x2v.runtime.checkpoint import CheckpointError
     from x2v.runtime.config import ConfigError, load_model_config
     from x2v.runtime.engines import EngineError
-    from x2v.runtime.pipeline import InputError, Pipeline, check_request
+    from x2v.runtime.pipeline import InputError, Pipeline, check_output, check_request
 
     try:  # everything cheap first: a bad request fails before any weight is read
         cfg = load_model_config(model)
         s = cfg.sample
         check_request(cfg, image, prompt, frames or s.frames, height or s.height, width or s.width)
+        check_output(out)
         if engines is not None:
             if not Path(engines).is_dir():
                 raise InputError(f"engine directory not found: {engines}")

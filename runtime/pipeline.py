@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,6 +52,17 @@ class Result:
             f"load {t.get('load_s', 0):.2f} s, encode {t['encode_s']:.2f} s, denoise {t['denoise_s']:.2f} s "
             f"({self.steps_computed}/{self.steps_total} steps computed), decode {t['decode_s']:.2f} s{mem}"
         )
+
+
+def check_output(out) -> None:
+    """The video's path can be written (its folder is made if missing), checked before any weight is read."""
+    folder = Path(out).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot write the video to {out}: {e}") from e
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"cannot write the video to {out}: {folder} is not writable")
 
 
 def check_request(

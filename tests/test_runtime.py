@@ -220,11 +220,13 @@ def test_cli_generate_end_to_end(tiny_ckpt, tmp_path):
     (["--frames", "10"], "frames must be 4k+1"),
     (["--width", "100"], "multiples of 16"),
     (["--image", "missing.png"], "image not found"),
+    (["--out", "{tmp}/a-file/v.mp4"], "cannot write the video to"),
 ])  # fmt: skip
 def test_cli_bad_input_is_one_line(tmp_path, args, message):
+    (tmp_path / "a-file").write_text("")
     base = {"--image": str(EXAMPLE), "--ckpt": str(tmp_path)}
     for i in range(0, len(args), 2):
-        base[args[i]] = args[i + 1]
+        base[args[i]] = args[i + 1].format(tmp=tmp_path)
     out = x2v("generate", "--prompt", "x", *[a for kv in base.items() for a in kv])
     assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
