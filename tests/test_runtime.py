@@ -111,6 +111,18 @@ def test_teacache_skips_steps_and_stays_close(dit, tiny_cfg):
     assert ((cached - full).norm() / full.norm()).item() < 0.3
 
 
+def test_teacache_reuses_its_residual_buffer_and_adds_it_on_skips():
+    from x2v.runtime.teacache import TeaCache
+
+    cache, blocks = TeaCache(), lambda x: x * 2 + 1
+    a, b = torch.randn(2, 6, 4), torch.randn(2, 6, 4)
+    assert torch.equal(cache.run_blocks(blocks, True, a), blocks(a))
+    buffer = cache.residual
+    assert torch.equal(cache.run_blocks(blocks, True, b), blocks(b)) and cache.residual is buffer
+    assert torch.equal(buffer, blocks(b) - b)  # the fresh residual, written in place
+    assert torch.equal(cache.run_blocks(blocks, False, a), a + (blocks(b) - b))  # a skip adds the cached one
+
+
 def test_distilled_mode_runs_four_calls_without_guidance(dit, tiny_cfg):
     cfg = load_model_config("i2v-14b-480p-distill")
     counted = CountingDiT(dit)
