@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The speed table in one sitting on one GPU host: bash bench/table_sitting.sh PART  (PART = 1 to 5)
 # Each part fits one 10-minute device call; run them back to back (files under /tmp live while the host is
-# warm). Measured on an H200 with STEPS=10: parts 1-3 took 3.2, 3.5 and 7.0 min, parts 4+5 6.1 min together;
+# warm). Measured on an H200 with STEPS=10: checkpoint + parts 1+2 6.9 min, part 3 6.4 min, parts 4+5 3.0 min (commit 1a82ae3);
 # STEPS=40 (the full schedule) needs about 30 min in all. With fewer steps rows project the full run from
 # their steady step times. Rows write under $OUT/table/<card>/; render where all of them are gathered.
 # Wheels: every .whl*/*.whl is installed: .whl/ (nvidia-modelopt and its dependencies, part 3) and .whl-av/
