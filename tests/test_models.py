@@ -242,9 +242,8 @@ def test_vae_hands_over_each_decoded_chunk_in_order(tiny_ckpt, tiny_cfg):
     assert torch.equal(torch.cat(parts, dim=2), video)
     tiled = []
     vae.decode_tiled(torch.randn(1, 16, 2, 6, 6), tile=4, overlap=2, on_frames=tiled.append)
-    assert [p.shape for p in tiled] == [
-        (1, 3, 5, 48, 48)
-    ]  # tiles run through all frames: the video at the end
+    # tiles run through all frames one after the other: the video comes at the end
+    assert [p.shape for p in tiled] == [(1, 3, 5, 48, 48)]
 
 
 def test_cli_help_is_fast_and_light():
