@@ -167,11 +167,12 @@ def main():
     between = gemms_of_a_block(torch.float8_e4m3fn)
     between_bf16 = gemms_of_a_block(torch.bfloat16)
     qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # [B, H, L, D] memory for SDPA
+    q8_blhd, k8_blhd = blhd(q8), blhd(k8)
     cases = {
         "sage_bhld_alone": (sage_call(q8, k8), None),
-        "sage_blhd_alone": (sage_call(blhd(q8), blhd(k8)), None),
+        "sage_blhd_alone": (sage_call(q8_blhd, k8_blhd), None),
         "sage_bhld_between_gemms": (sage_call(q8, k8), between),
-        "sage_blhd_between_gemms": (sage_call(blhd(q8), blhd(k8)), between),
+        "sage_blhd_between_gemms": (sage_call(q8_blhd, k8_blhd), between),
         "sdpa_blhd_alone": (lambda: sdpa(q, k, v), None),
         "sdpa_bhld_alone": (lambda: F.scaled_dot_product_attention(qh, kh, vh), None),
         "sdpa_blhd_between_gemms": (lambda: sdpa(q, k, v), between),
@@ -206,7 +207,7 @@ def main():
                   f"probe {r['probe_mhz_before']:.0f}/{r['probe_mhz_after']:.0f} MHz, nvidia-smi SM {r.get('sm_mhz_median', 0):.0f} MHz "
                   f"{r.get('power_w_median', 0):.0f} W {r.get('reasons')}", flush=True)  # fmt: skip
     # Same values either way: the layout changes addresses only.
-    sage.attend(blhd(q8), qs, blhd(k8), ks, v8, vs, out, lambda f: f, K.attn_body, **tile)
+    sage.attend(q8_blhd, qs, k8_blhd, ks, v8, vs, out, lambda f: f, K.attn_body, **tile)
     alt = out.clone()
     sage.attend(q8, qs, k8, ks, v8, vs, out, lambda f: f, K.attn_body, **tile)
     same = bool(torch.equal(alt, out))

@@ -63,6 +63,8 @@ def check_output(out) -> None:
         raise InputError(f"cannot write the video to {out}: {e}") from e
     if not os.access(folder, os.W_OK):
         raise InputError(f"cannot write the video to {out}: {folder} is not writable")
+    if Path(out).is_dir():
+        raise InputError(f"cannot write the video to {out}: it is a directory")
 
 
 def check_request(
@@ -299,10 +301,8 @@ class Pipeline:
         if out is not None:  # opened first: a bad path or a missing PyAV fails before the heavy work
             from x2v.runtime.video import Mp4Writer
 
-            try:
-                writer = Mp4Writer(out, fps=s.fps)
-            except OSError as e:
-                raise InputError(f"cannot write the video to {out}: {e}") from e
+            check_output(out)
+            writer = Mp4Writer(out, fps=s.fps)
         with writer or contextlib.nullcontext():  # on an error the partial MP4 goes
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()

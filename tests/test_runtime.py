@@ -192,6 +192,8 @@ def test_an_unwritable_output_fails_before_any_work(pipe, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(InputError, match="cannot write the video to"):
         pipe.generate(image=EXAMPLE, prompt="x", out=tmp_path / "file" / "v.mp4")
+    with pytest.raises(InputError, match="it is a directory"):
+        pipe.generate(image=EXAMPLE, prompt="x", out=tmp_path)
 
 
 @pytest.mark.parametrize("kwargs, message", [
