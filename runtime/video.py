@@ -78,7 +78,7 @@ class Mp4Writer:
         try:
             while (frames := self._queue.get()) is not None:
                 if self._stream is None:
-                    t, h, w, _ = frames.shape
+                    h, w = self._size  # write() recorded it from the first frames
                     self._stream = self._container.add_stream(
                         "libx264", rate=self._fps, options=self._options
                     )
