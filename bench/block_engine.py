@@ -10,8 +10,10 @@ forward), the same inputs for every variant:
                   quantization by the op's own kernels
   fp8-sage-tile   the same with the tile pinned (no autotuning at build)
   fp8-sage-fused  pinned tile, quantization as torch ops that Inductor fuses into the norm/RoPE kernels
+  *-fast          the same with the FP8 GEMMs accumulating in the tensor cores (`use_fast_accum`)
 Per variant: build seconds, block time (median of device-event timings), a profiler breakdown of one call
-by kernel kind, and parity against the eager block of the same variant. The SageAttention op is also
+by kernel kind, parity against the eager block of the same variant, and the error of what the block adds
+to its input (output minus input) against the eager bf16 block's. The SageAttention op is also
 timed alone (eager and as a package per variant) at the self-attention shape, to separate the op from
 what the compiler does around it. Last, the last variant's engine runs the model's 40 blocks with the weights
 resident and streamed from pinned host memory (`dit_weights: stream`): time, equality and peak memory.
@@ -33,16 +35,19 @@ from bench.attention import make_inputs, sdpa
 from bench.common import event_ms, kernel_breakdown, rel_err, time_cuda, write_result
 from bench.dit_forward import inputs, random_dit
 from bench.engine_forward import ORDER, load_pt2, max_calibrated_fp8, sage_op_package
+from x2v.export.fp8 import configure_fp8
 from x2v.plugins import sage_attention as sage
 from x2v.runtime.config import load_model_config
 
 TILE = {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}  # the best tile of every H200 sweep so far
-VARIANTS = {  # name: (model, attention, sage tile, traced quantization)
-    "bf16-sdpa": ("bf16", "sdpa", None, "kernels"),
-    "fp8-sdpa": ("fp8", "sdpa", None, "kernels"),
-    "fp8-sage": ("fp8", "sage_op", None, "kernels"),
-    "fp8-sage-tile": ("fp8", "sage_op", TILE, "kernels"),
-    "fp8-sage-fused": ("fp8", "sage_op", TILE, "fused"),
+VARIANTS = {  # name: (model, attention, sage tile, traced quantization, FP8 fast accumulation)
+    "bf16-sdpa": ("bf16", "sdpa", None, "kernels", False),
+    "fp8-sdpa": ("fp8", "sdpa", None, "kernels", False),
+    "fp8-sdpa-fast": ("fp8", "sdpa", None, "kernels", True),
+    "fp8-sage": ("fp8", "sage_op", None, "kernels", False),
+    "fp8-sage-tile": ("fp8", "sage_op", TILE, "kernels", False),
+    "fp8-sage-fused": ("fp8", "sage_op", TILE, "fused", False),
+    "fp8-sage-fused-fast": ("fp8", "sage_op", TILE, "fused", True),
 }
 
 
@@ -151,11 +156,17 @@ def main():
         if args.op:
             res["op"] = op_alone(n, cfg.dit.num_heads, cfg.dit.head_dim, d, args.reps)
         models["fp8"] = max_calibrated_fp8(models["bf16"], cfg, x)
+        block_args = (tokens, e0, ctx, cos, sin)
+        bf16_delta = (
+            models["bf16"].configure(torch.bfloat16, "sdpa").blocks[0](*block_args).float() - tokens.float()
+        )
         for name in args.variants.split(","):
-            kind, attn, tile, quant = VARIANTS[name]
+            kind, attn, tile, quant, fast = VARIANTS[name]
             model = models[kind].configure(torch.bfloat16, attn)
+            if kind == "fp8":
+                configure_fp8(model, "cuda", fast_accum=fast)
             sage.TILE, sage.TRACED_QUANT = None, "kernels"
-            eager = model.blocks[0](tokens, e0, ctx, cos, sin).float()
+            eager = model.blocks[0](*block_args).float()
             sage.TILE, sage.TRACED_QUANT = tile, quant
             t0 = time.perf_counter()
             path = d / f"block-{name}.pt2"
@@ -164,7 +175,9 @@ def main():
             blk = load_pt2(path)
             args0 = (tokens, e0, ctx, cos, sin, *E.engine_weights(model, "block"))
             calls[name] = lambda blk=blk, a=args0: blk(*a)
-            r["vs_eager"] = rel_err(blk(*args0).float(), eager)
+            out = blk(*args0).float()
+            r["vs_eager"] = rel_err(out, eager)
+            r["delta_vs_bf16_eager"] = rel_err(out - tokens.float(), bf16_delta)
             r["ms"] = time_cuda(lambda blk=blk, a=args0: blk(*a), 3, args.reps)
             r["kernels"] = kernel_breakdown(lambda blk=blk, a=args0: blk(*a), top=16)
             res["variants"][name] = r
@@ -181,12 +194,13 @@ def main():
     attn = {k: sum(ms for kind, ms in r["kernels"]["by_kind_ms"].items() if "attention" in kind)
             for k, r in res["variants"].items()}  # fmt: skip
     res["summary"] = {k: {"block_ms": v[k], "attention_ms": attn[k], "rest_ms": v[k] - attn[k]} for k in v}
-    if "bf16-sdpa" in v and "fp8-sdpa" in v:  # issue 5's two ratios
-        summary = res["summary"]
-        summary["fp8/bf16 block, SDPA in both"] = v["fp8-sdpa"] / v["bf16-sdpa"]
-        summary["fp8/bf16 rest (linear and elementwise)"] = (
-            summary["fp8-sdpa"]["rest_ms"] / summary["bf16-sdpa"]["rest_ms"]
-        )
+    for fp8 in ("fp8-sdpa", "fp8-sdpa-fast"):  # issue 5's two ratios
+        if "bf16-sdpa" in v and fp8 in v:
+            summary = res["summary"]
+            summary[f"{fp8}/bf16 block, SDPA in both"] = v[fp8] / v["bf16-sdpa"]
+            summary[f"{fp8}/bf16 rest (linear and elementwise)"] = (
+                summary[fp8]["rest_ms"] / summary["bf16-sdpa"]["rest_ms"]
+            )
     print("summary", json.dumps(res["summary"]), flush=True)
     print(f"wrote {write_result(args.name, res, args.out)}")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from x2v.export import engines as E
+from x2v.export.fp8 import configure_fp8
 from x2v.plugins import sage_attention as sage
 from x2v.runtime.checkpoint import CheckpointError, identity, resolve
 from x2v.runtime.config import ConfigError, current_gpu, load_gpu_config, load_model_config
@@ -154,6 +155,7 @@ def build(model: str, ckpt: Path, gpu: str, out: Path, precision: str | None = N
         raise BuildError(
             f"precision {precision} but {dit_path.name} is {'an FP8' if state_is_fp8 else 'not an FP8'} checkpoint"
         )
+    configure_fp8(dit, g.device, fast_accum=g.fp8_fast_accum)
     log(f"loaded {cfg.name} DiT from {dit_path} in {time.perf_counter() - t0:.1f} s")
     ckpt_id = identity(dit_path)
     autotune = g.autotune if autotune is None else autotune

@@ -264,6 +264,9 @@ class GPUConfig:
     # CUDA caching allocator with expandable segments: freed memory serves requests of any size, so the
     # reserve follows the allocated peak more closely (bench/results/vae_memory-h200.json)
     expandable_segments: bool = False
+    # FP8 GEMMs of the engines accumulate in the tensor cores instead of promoting to FP32 every few K-steps
+    # (torch._scaled_mm's use_fast_accum; TensorRT picks its own accumulation)
+    fp8_fast_accum: bool = False
 
     @property
     def device(self) -> str:
@@ -292,10 +295,9 @@ def load_gpu_config(name: str) -> GPUConfig:
         raise ConfigError(f"{path}: encoders must be resident, stream or host, found {cfg.encoders!r}")
     if cfg.dit_weights not in ("resident", "stream"):
         raise ConfigError(f"{path}: dit_weights must be resident or stream, found {cfg.dit_weights!r}")
-    if not isinstance(cfg.expandable_segments, bool):
-        raise ConfigError(
-            f"{path}: expandable_segments must be true or false, found {cfg.expandable_segments!r}"
-        )
+    for flag in ("expandable_segments", "fp8_fast_accum"):
+        if not isinstance(getattr(cfg, flag), bool):
+            raise ConfigError(f"{path}: {flag} must be true or false, found {getattr(cfg, flag)!r}")
     tile = cfg.sage_tile
     if tile is not None and (
         not isinstance(tile, dict)

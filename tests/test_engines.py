@@ -245,6 +245,7 @@ def test_engines_compile_with_the_gpus_sage_tile(tiny_ckpt, engines, tmp_path, m
     [
         ("sage_tile: {BLOCK_M: 64, warps: 4}", "sage_tile must map BLOCK_M, num_warps and num_stages"),
         ("expandable_segments: sometimes", "expandable_segments must be true or false, found 'sometimes'"),
+        ("fp8_fast_accum: 1", "fp8_fast_accum must be true or false, found 1"),
     ],
 )
 def test_a_malformed_gpu_setting_is_refused(tmp_path, monkeypatch, line, error):

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from x2v.calibration import capture, ptq
-from x2v.export.fp8 import E4M3, FP8Linear, quantize
+from x2v.export.fp8 import E4M3, FP8Linear, configure_fp8, quantize
 from x2v.export.load import load_dit
 from x2v.runtime.checkpoint import CheckpointError, read_state_dict, resolve
 from x2v.runtime.config import CONFIG_DIR, ConfigError, load_model_config
@@ -127,6 +127,23 @@ def test_dynamic_fp8_linear_against_its_definition():
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
     layer.impl = "scaled_mm"  # torch._scaled_mm (bf16 output) runs on the CPU too
     assert ptq.compare(layer(x), expected)["rel_l2"] < 1e-2
+
+
+def test_gpu_config_fast_accumulation_reaches_the_gemm(monkeypatch):
+    model, scale = torch.nn.Sequential(FP8Linear(64, 32, bias=False)), torch.tensor(0.01)
+    model[0].weight, model[0].weight_scale, model[0].input_scale = (
+        quantize(torch.randn(32, 64), scale),
+        scale,
+        scale,
+    )
+    seen, scaled_mm = [], torch._scaled_mm
+    monkeypatch.setattr(
+        torch, "_scaled_mm", lambda *a, **k: (seen.append(k["use_fast_accum"]), scaled_mm(*a, **k))[1]
+    )
+    for fast in (False, True):
+        configure_fp8(model, "cpu", impl="scaled_mm", fast_accum=fast)
+        model(torch.randn(4, 64))
+    assert seen == [False, True]
 
 
 @pytest.mark.parametrize(
