@@ -25,14 +25,13 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from bench.attention import make_inputs, sdpa
-from bench.common import event_ms, kernel_breakdown, rel_err, time_cuda, write_result
+from bench.common import interleaved, kernel_breakdown, rel_err, time_cuda, write_result
 from bench.dit_forward import inputs, random_dit
 from bench.engine_forward import ORDER, load_pt2, max_calibrated_fp8, sage_op_package
 from x2v.export.fp8 import configure_fp8
@@ -79,15 +78,6 @@ def op_alone(n, h, d, directory: Path, reps: int) -> dict:
         res[f"aoti-{name}"] = r
         print(f"op aoti-{name}", json.dumps(r), flush=True)
     return res
-
-
-def interleaved(calls: dict, reps: int) -> dict:
-    """Median ms of each call over `reps` rounds that run every call once, in turn (device events)."""
-    times = {k: [] for k in calls}
-    for _ in range(reps):
-        for k, fn in calls.items():
-            times[k].append(event_ms(fn))
-    return {k: statistics.median(t) for k, t in times.items()}
 
 
 def streamed_forward(blk, acts, weights, n: int, reps: int) -> dict:

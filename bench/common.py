@@ -110,6 +110,15 @@ def time_cuda(fn, warmup: int = 3, reps: int = 10, hide_launch: bool = False) ->
             "host_launch": "hidden" if hide_launch else "counted"}  # fmt: skip
 
 
+def interleaved(calls: dict, reps: int) -> dict:
+    """Median ms of each call over `reps` rounds that run every call once, in turn (device events)."""
+    times = {k: [] for k in calls}
+    for _ in range(reps):
+        for k, fn in calls.items():
+            times[k].append(event_ms(fn))
+    return {k: statistics.median(t) for k, t in times.items()}
+
+
 def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     env = payload.setdefault("env", environment())
     out_dir = Path(out_dir or RESULTS)

@@ -2,12 +2,15 @@
 
     python bench/engine_forward.py [--model i2v-14b-480p] [--out DIR]     (writes engine_forward-<card>.json)
 
-Variants: bf16 + SDPA, FP8 + SDPA, FP8 + SageAttention. Each gets an AOTInductor `block` engine (weights as
+Variants: bf16 + SDPA, FP8 + SDPA, FP8 + SageAttention, and the FP8 ones with fast accumulation in their
+GEMMs (`-fast`, GPU configs' `fp8_fast_accum`); `--variants` picks some. Each gets an AOTInductor `block` engine (weights as
 inputs, one engine for all 40 blocks); `pre` and `post` engines are shared (they hold no quantized layer).
 For each: one-forward time of eager torch and of the engines, parity of the block engine against the eager
 block of the same variant, and of the whole forward against the eager bf16 forward. The attention kernels
 are also timed alone (40 calls), so `forward - attention` gives the linear-and-elementwise part; a profiler
 breakdown of one block engine call by kernel kind (GEMM, attention, fused elementwise) measures it directly.
+Last, rounds that run every variant's engine forward once in turn give the ratios (sequential timings drift
+with the card's clocks).
 
 FP8 scales come from one max-calibration forward on these inputs with forward hooks (what ModelOpt's max
 calibrator computes); bench/fp8_forward.py runs the ModelOpt path itself.
@@ -23,8 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import kernel_breakdown, rel_err, time_cuda, write_result
+from bench.common import interleaved, kernel_breakdown, rel_err, time_cuda, write_result
 from bench.dit_forward import inputs, random_dit
+from x2v.export.fp8 import configure_fp8
 from x2v.runtime.config import load_model_config
 
 ORDER = ("x", "t", "context", "clip_fea", "y")
@@ -82,7 +86,16 @@ def sage_op_package(q, k, v, path: Path):
     return load_pt2(path)
 
 
-def attention_checks(cfg, n, d):
+VARIANTS = {  # name: (FP8, attention, fast accumulation)
+    "bf16-sdpa": (False, "sdpa", False),
+    "fp8-sdpa": (True, "sdpa", False),
+    "fp8-sdpa-fast": (True, "sdpa", True),
+    "fp8-sage": (True, "sage_op", False),
+    "fp8-sage-fast": (True, "sage_op", True),
+}
+
+
+def attention_checks(cfg, n, d, package: bool = True):
     """The attention kernels alone at the self-attention shape (x40: one forward's worth), and the
     SageAttention op through AOTInductor against eager."""
     from x2v.plugins import sage_kernels
@@ -98,6 +111,8 @@ def attention_checks(cfg, n, d):
     }
     res["sage_best_config"] = str(getattr(sage_kernels.attn_kernel, "best_config", None))
     print("attention_x40_ms", res["attention_x40_ms"], res["sage_best_config"], flush=True)
+    if not package:
+        return res
 
     t0 = time.perf_counter()
     op = sage_op_package(q, k, v, d / "sage.pt2")
@@ -118,6 +133,10 @@ def main():
     ap.add_argument("--dir", default="/tmp/x2v-engines")
     ap.add_argument("--out", default=None)
     ap.add_argument("--autotune", action="store_true", help="AOTInductor max-autotune for the block engines")
+    ap.add_argument("--variants", default="bf16-sdpa,fp8-sdpa,fp8-sage")
+    ap.add_argument("--name", default="engine_forward", help="result file name (<name>-<card>.json)")
+    ap.add_argument("--no-op-package", dest="op_package", action="store_false",
+                    help="skip compiling the SageAttention op alone into a package")  # fmt: skip
     args = ap.parse_args()
     from x2v.export import engines as E
 
@@ -133,7 +152,7 @@ def main():
 
     with torch.no_grad():
         n = E.example_inputs(bf16, "block", shape, "cuda")[1][0].shape[1]
-        res.update(attention_checks(cfg, n, d))
+        res.update(attention_checks(cfg, n, d, args.op_package))
         ref = bf16(**x).float()
         pre_out = bf16.pre(*(x[a] for a in ORDER))
         fp8 = max_calibrated_fp8(bf16, cfg, x)
@@ -151,12 +170,12 @@ def main():
         }
         log("pre_engine_vs_eager", res["pre_engine_vs_eager"])
 
-        for name, model, attn in (
-            ("bf16-sdpa", bf16, "sdpa"),
-            ("fp8-sdpa", fp8, "sdpa"),
-            ("fp8-sage", fp8, "sage_op"),
-        ):
-            model.configure(torch.bfloat16, attn)
+        forwards = {}
+        for name in args.variants.split(","):
+            quantized, attn, fast = VARIANTS[name]
+            model = (fp8 if quantized else bf16).configure(torch.bfloat16, attn)
+            if quantized:
+                configure_fp8(model, "cuda", fast_accum=fast)
             r = {"eager": time_cuda(lambda m=model: m(**x), 1, args.reps)["median_ms"]}
             eager_block = model.blocks[0](*pre_out[0:1], pre_out[2], *pre_out[3:])
             t0 = time.perf_counter()
@@ -189,23 +208,37 @@ def main():
             r["engine_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
             out = forward().float()
             r["engine_vs_bf16_eager"] = rel_err(out, ref)
+            forwards[name] = forward
             r["eager_vs_bf16_eager"] = rel_err(model(**x).float(), ref)
             kind = "sage" if attn == "sage_op" else "sdpa"
             r["linear_elementwise_ms"] = {"eager": r["eager"] - res["attention_x40_ms"][kind],
                                           "engine": r["engine"] - res["attention_x40_ms"][kind]}  # fmt: skip
             res["variants"][name] = r
             log(name, r)
-            write_result("engine_forward", res, args.out)
-    v = res["variants"]
-    res["ratios"] = {
-        "engine fp8-sage / eager bf16-sdpa": v["fp8-sage"]["engine"] / v["bf16-sdpa"]["eager"],
-        "engine fp8-sdpa / engine bf16-sdpa": v["fp8-sdpa"]["engine"] / v["bf16-sdpa"]["engine"],
-        "linear part engine fp8 / engine bf16": v["fp8-sdpa"]["linear_elementwise_ms"]["engine"]
-        / v["bf16-sdpa"]["linear_elementwise_ms"]["engine"],
-        "engine bf16-sdpa / eager bf16-sdpa": v["bf16-sdpa"]["engine"] / v["bf16-sdpa"]["eager"],
-    }
+            write_result(args.name, res, args.out)
+        res["interleaved_ms"] = interleaved(forwards, args.reps)
+        log("interleaved_ms", res["interleaved_ms"])
+    v, inter = res["variants"], res["interleaved_ms"]
+    res["ratios"] = {}
+    if "bf16-sdpa" in v:
+        bf16_linear = v["bf16-sdpa"]["linear_elementwise_ms"]["engine"]
+        res["ratios"]["engine bf16-sdpa / eager bf16-sdpa"] = (
+            v["bf16-sdpa"]["engine"] / v["bf16-sdpa"]["eager"]
+        )
+        for name in v:
+            if name != "bf16-sdpa":
+                res["ratios"][f"engine {name} / eager bf16-sdpa"] = (
+                    v[name]["engine"] / v["bf16-sdpa"]["eager"]
+                )
+                res["ratios"][f"engine {name} / engine bf16-sdpa, interleaved"] = (
+                    inter[name] / inter["bf16-sdpa"]
+                )
+                if "sdpa" in name:
+                    res["ratios"][f"linear part engine {name} / engine bf16"] = (
+                        v[name]["linear_elementwise_ms"]["engine"] / bf16_linear
+                    )
     log("ratios", res["ratios"])
-    print(f"wrote {write_result('engine_forward', res, args.out)}")
+    print(f"wrote {write_result(args.name, res, args.out)}")
 
 
 if __name__ == "__main__":
