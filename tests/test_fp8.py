@@ -13,7 +13,7 @@ from x2v.calibration import capture, ptq
 from x2v.export.fp8 import E4M3, FP8Linear, configure_fp8, quantize
 from x2v.export.load import load_dit
 from x2v.runtime.checkpoint import CheckpointError, read_state_dict, resolve
-from x2v.runtime.config import CONFIG_DIR, ConfigError, load_model_config
+from x2v.runtime.config import CONFIG_DIR, ConfigError, load_gpu_config, load_model_config
 from x2v.runtime.pipeline import Pipeline
 
 CALIB_SET = CONFIG_DIR.parent / "calibration" / "sets" / "default.yaml"
@@ -129,7 +129,7 @@ def test_dynamic_fp8_linear_against_its_definition():
     assert ptq.compare(layer(x), expected)["rel_l2"] < 1e-2
 
 
-def test_gpu_config_fast_accumulation_reaches_the_gemm(monkeypatch):
+def test_fast_accumulation_reaches_scaled_mm(monkeypatch):
     model, scale = torch.nn.Sequential(FP8Linear(64, 32, bias=False)), torch.tensor(0.01)
     model[0].weight, model[0].weight_scale, model[0].input_scale = (
         quantize(torch.randn(32, 64), scale),
@@ -144,6 +144,27 @@ def test_gpu_config_fast_accumulation_reaches_the_gemm(monkeypatch):
         configure_fp8(model, "cpu", impl="scaled_mm", fast_accum=fast)
         model(torch.randn(4, 64))
     assert seen == [False, True]
+
+
+def test_the_gpu_configs_fp8_fast_accum_reaches_the_engines_linears(
+    tiny_ckpt, tiny_cfg, tmp_path, monkeypatch
+):
+    from x2v.export import build as B
+
+    class Traced(Exception):
+        pass
+
+    def export(dit, *args, **kwargs):
+        seen.update(m.fast_accum for m in dit.modules() if isinstance(m, FP8Linear))
+        raise Traced
+
+    seen, cpu = set(), load_gpu_config("cpu")
+    monkeypatch.setattr(B, "load_gpu_config", lambda name: dataclasses.replace(cpu, fp8_fast_accum=True))
+    monkeypatch.setattr(B.E, "export_onnx", export)
+    path = lightx2v_file(tiny_ckpt, tiny_cfg, tmp_path / "fp8.safetensors")
+    with pytest.raises(Traced):
+        B.build("tiny", tiny_ckpt, "cpu", tmp_path / "engines", dit_file=str(path), dit_only=True, log=print)
+    assert seen == {True}
 
 
 @pytest.mark.parametrize(
