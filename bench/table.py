@@ -235,6 +235,9 @@ def run_row(args) -> dict:
     return row
 
 
+ENCODE_PARTS = ("text_s", "image_s", "vae_encode_s")  # umT5, CLIP, the VAE encode of the conditioning video
+
+
 def projected_s(r: dict) -> float | None:
     """End-to-end seconds of the full schedule for a row that ran fewer steps, else None.
 
@@ -315,6 +318,10 @@ def render(args) -> Path:
               for n in ROWS if rows.get(n, {}).get("load_phases")]  # fmt: skip
     if phases:
         lines.append("Load phases (s): " + "; ".join(phases) + ".")
+    parts = [f"{n} " + ", ".join(f"{k.removesuffix('_s')} {rows[n][k]:.2f}" for k in ENCODE_PARTS)
+             for n in ROWS if all(k in rows.get(n, {}) for k in ENCODE_PARTS)]  # fmt: skip
+    if parts:
+        lines.append("Encode parts (s): " + "; ".join(parts) + ".")
     md = root / f"table-{card}.md"
     md.write_text("\n".join(lines) + "\n")
     # The rows as measured, plus what the table shows that is derived (rows store the projection of the code

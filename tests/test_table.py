@@ -52,6 +52,7 @@ def test_table_rows_and_render(tiny_ckpt, tiny_cfg, tmp_path):
     assert {"check_s", "dit_weights_s", "engines_s", "encoders_vae_s"} <= set(fp8["load_phases"])
     parts = fp8["encode_s"] + fp8["denoise_s"] + fp8["decode_s"] + fp8["write_s"]
     assert 0 < fp8["write_s"] and parts <= fp8["e2e_s"]  # the end-to-end time is its phases plus small change
+    assert fp8["text_s"] + fp8["image_s"] + fp8["vae_encode_s"] <= fp8["encode_s"]
     assert 0 < fp8["latents_rel_l2_vs_baseline"] < 0.5 and fp8["video_psnr_vs_baseline_db"] > 10
     sage = json.loads((rows / "sage-bf16.json").read_text())  # on the CPU SageAttention falls back to SDPA
     assert sage["latents_rel_l2_vs_baseline"] < 1e-5
@@ -61,6 +62,7 @@ def test_table_rows_and_render(tiny_ckpt, tiny_cfg, tmp_path):
     md = table("--render", "--out", str(tmp_path / "results"))
     assert "| fp8 | 4/4 of 8 |" in md and (tmp_path / "results" / "table-cpu.md").is_file()
     assert "left out: sage-mixed, fp8-teacache." in md  # rows not run are named, not silently missing
+    assert "Encode parts (s): baseline text " in md
 
 
 def test_projection_adds_missing_computed_and_skipped_steps_apart():
