@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from x2v.export import engines as E
-from x2v.export.fp8 import configure_fp8
 from x2v.plugins import sage_attention as sage
 from x2v.runtime.checkpoint import CheckpointError, identity, resolve
 from x2v.runtime.config import ConfigError, current_gpu, load_gpu_config, load_model_config
@@ -149,13 +148,12 @@ def build(model: str, ckpt: Path, gpu: str, out: Path, precision: str | None = N
     compute = torch.float32 if g.device == "cpu" else torch.bfloat16
     t0 = time.perf_counter()
     dit = load_dit(ckpt, cfg, dtype=compute, device=g.device, attn="sage_op" if attn == "sage" else attn,
-                   dit_file=dit_file)  # fmt: skip
+                   dit_file=dit_file, fp8_fast_accum=g.fp8_fast_accum)  # fmt: skip
     state_is_fp8 = any(b.dtype == torch.float8_e4m3fn for b in dit.buffers())
     if (precision == "fp8") != state_is_fp8:
         raise BuildError(
             f"precision {precision} but {dit_path.name} is {'an FP8' if state_is_fp8 else 'not an FP8'} checkpoint"
         )
-    configure_fp8(dit, g.device, fast_accum=g.fp8_fast_accum)
     log(f"loaded {cfg.name} DiT from {dit_path} in {time.perf_counter() - t0:.1f} s")
     ckpt_id = identity(dit_path)
     autotune = g.autotune if autotune is None else autotune
