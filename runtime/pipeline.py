@@ -251,12 +251,11 @@ class Pipeline:
     ):
         """-> (cond, uncond, latent shape) on the device. laps: receives the seconds of each part (text_s,
         image_s, vae_encode_s; the device synchronized at each boundary)."""
-        t0 = time.perf_counter()
+        laps, t0 = {} if laps is None else laps, time.perf_counter()
         ids, mask = self.tokenizer([prompt, negative_prompt])
         context = self.t5(ids.to(self.device), mask.to(self.device))
         self._release_cache()
-        if laps is not None:
-            laps["text_s"], t0 = self._lap(t0), time.perf_counter()
+        laps["text_s"], t0 = self._lap(t0), time.perf_counter()
         cond, uncond = Conditioning(context[:1]), Conditioning(context[1:])
         lat_t = (frames - 1) // 4 + 1
         if not self.cfg.dit.i2v:
@@ -265,16 +264,14 @@ class Pipeline:
         h, w = i2v_size(img.shape[1:], height * width)
         clip_fea = self.clip(img[None].to(self.dtype))
         self._release_cache()
-        if laps is not None:
-            laps["image_s"], t0 = self._lap(t0), time.perf_counter()
+        laps["image_s"], t0 = self._lap(t0), time.perf_counter()
         first = torch.nn.functional.interpolate(img[None].float(), size=(h, w), mode="bicubic")[:, :, None]
         video = torch.cat([first, first.new_zeros(1, 3, frames - 1, h, w)], dim=2)
         y = torch.cat(
             [i2v_mask(frames, h // 8, w // 8).to(self.device)[None], self.vae.encode(video.to(self.dtype))],
             dim=1,
         )
-        if laps is not None:
-            laps["vae_encode_s"] = self._lap(t0)
+        laps["vae_encode_s"] = self._lap(t0)
         cond, uncond = replace(cond, clip_fea=clip_fea, y=y), replace(uncond, clip_fea=clip_fea, y=y)
         return cond, uncond, (1, self.cfg.vae.z_dim, lat_t, h // 8, w // 8)
 
