@@ -19,6 +19,7 @@ distinct convolution of the decode alone, 3D against stacked 2D, with its count 
 from __future__ import annotations
 
 import argparse
+import math
 from collections import Counter
 
 import torch
@@ -28,14 +29,6 @@ from bench.common import random_part, rel_err, time_cuda, timed_peaks, write_res
 from x2v.export.load import build
 from x2v.export.vae import CausalConv3d
 from x2v.runtime.config import load_model_config
-
-FORMATS = {
-    (5, True): torch.channels_last_3d,
-    (4, True): torch.channels_last,
-    (5, False): torch.contiguous_format,
-    (4, False): torch.contiguous_format,
-}
-
 
 SETTINGS = {  # name: (channels-last weights, cudnn.benchmark, 2D convolutions: None, "nchw" or "nhwc")
     "default": (False, False, None),
@@ -95,11 +88,10 @@ def time_shapes(shapes: Counter, device: str) -> list:
     for (xs, ws, stride), n in shapes.most_common():
         x = torch.randn(xs, device=device, dtype=torch.bfloat16)
         w = torch.randn(ws, device=device, dtype=torch.bfloat16) * 0.02
-        flop = 2 * ws[0] * ws[1] * ws[2] * ws[3] * ws[4] * xs[0] * ((xs[2] - ws[2]) // stride[0] + 1)
-        flop *= (xs[3] - ws[3]) // stride[1] + 1
-        flop *= (xs[4] - ws[4]) // stride[2] + 1
-        r = {"input": xs, "weight": ws, "stride": stride, "count": n, "gflop": flop / 1e9}
         ref = F.conv3d(x, w, None, stride).float()
+        # one multiply-add per output element and weight of its filter
+        flop = 2 * ref.numel() * math.prod(ws[1:])
+        r = {"input": xs, "weight": ws, "stride": stride, "count": n, "gflop": flop / 1e9}
         for name, fn in (
             ("conv3d", lambda x=x, w=w, s=stride: F.conv3d(x, w, None, s)),
             ("conv2d", lambda x=x, w=w, s=stride: stacked_conv2d(x, w, None, s, "nchw")),
@@ -138,7 +130,10 @@ def main():
             fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
             for p in vae.parameters():  # Conv3d weights NDHWC, the Resample's Conv2d weights NHWC
                 if p.dim() in (4, 5):
-                    p.data = p.data.contiguous(memory_format=FORMATS[p.dim(), channels_last])
+                    last = torch.channels_last_3d if p.dim() == 5 else torch.channels_last
+                    p.data = p.data.contiguous(
+                        memory_format=last if channels_last else torch.contiguous_format
+                    )
             r = {}
             v = video.contiguous(memory_format=fmt)
             for call in ("first", "second"):
