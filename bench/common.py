@@ -140,6 +140,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> dict:
 KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
     ("sage attention", ("attn_body", "attn_kernel", "quant_int8_kernel", "quant_v_kernel")),
     ("sdpa attention", ("flash", "fmha", "sdpa", "attention")),
+    ("convolution", ("fprop", "convolve", "conv2d", "conv3d")),
     ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "scaled_mm", "sm90_", "sm80_", "cublas")),
     ("fused elementwise/reduction", ("triton_",)),
     ("copy", ("copy", "memcpy", "memset", "fill")),

@@ -1,107 +1,42 @@
-"""VAE encode and whole-frame decode at full size, per convolution setting, side by side in one process.
+"""VAE encode and whole-frame decode at full size, per setting, side by side in one process.
 
-    python bench/vae_speed.py [--model i2v-14b-480p] [--settings a,b] [--out DIR]   (writes vae_speed-<card>.json)
+    python bench/vae_speed.py [--model i2v-14b-480p] [--settings a,b] [--profile] [--out DIR]
+    (writes vae_speed-<card>.json)
 
 What the pipeline runs (encode of the first frame plus 80 zero frames, then the decode one latent frame at a
-time) with random bf16 weights, in four settings, in this order: the default (channel-first tensors, cuDNN's
-heuristic algorithm), channels-last-3d weights (cuDNN's NDHWC kernels), then with `cudnn.benchmark` on
-(cuDNN times its algorithms on each new shape, so the first call pays for the search) for both formats.
-Per setting: seconds of a first and a second call of each, peak memory, and the outputs' error against the
-default's (different algorithms round differently in bf16).
+time) with random bf16 weights, in three settings: the default (export/vae.py as the runtime runs it: the RMS
+norm and SiLU before each causal convolution fused into one Triton kernel that writes into the convolution's
+input buffer), `torch_norm` (the same with norm and SiLU as torch ops), and `channels_last` (the default with
+channels-last-3d weights, cuDNN's NDHWC kernels). Per setting: seconds of a first and a second call of each,
+peak memory, and the outputs' error against the default's and against the same VAE in float32 (the official
+VAE's precision), so a faster setting is also seen to be no less exact. `--profile` adds each decode's GPU
+time by kernel kind.
 
-Two more settings run every causal 3D convolution as one 2D convolution: the kt frames each output frame sees
-are stacked along channels (a copy of kt times the input), the weight reshaped to [out, kt * in, kh, kw]; the
-same sums in another order (`conv2d`: NCHW, `conv2d_nhwc`: stacked straight into NHWC). cuDNN's 2D kernels are
-its most tuned; its 3D ones ran the VAE at about 170 TFLOP/s (bench/NOTES.md). `--shapes` also times each
-distinct convolution of the decode alone, 3D against stacked 2D, with its count in one decode.
+Earlier settings, measured and dropped (bench/NOTES.md): `cudnn.benchmark` (no change), and every causal 3D
+convolution as one 2D convolution over stacked frames (slower for every shape of the decode;
+vae_speed_conv2d-h200.json, commit 1a0b5d3).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-from collections import Counter
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import random_part, rel_err, time_cuda, timed_peaks, write_result
+from bench.common import kernel_breakdown, rel_err, timed_peaks, write_result
+from x2v.export import vae as vae_module
 from x2v.export.load import build
-from x2v.export.vae import CausalConv3d
+from x2v.export.make_checkpoint import random_tensors
 from x2v.runtime.config import load_model_config
 
-SETTINGS = {  # name: (channels-last weights, cudnn.benchmark, 2D convolutions: None, "nchw" or "nhwc")
-    "default": (False, False, None),
-    "channels_last": (True, False, None),
-    "benchmark": (False, True, None),
-    "channels_last+benchmark": (True, True, None),
-    "conv2d": (False, False, "nchw"),
-    "conv2d_nhwc": (False, False, "nhwc"),
-}
+SETTINGS = {"default": False, "torch_norm": False, "channels_last": True}  # name: channels-last weights
+FUSED = vae_module.rms_silu
 
 
-def stacked_conv2d(x, weight, bias, stride, layout: str):
-    """F.conv3d(x, weight, bias, stride) (no padding) as one conv2d over the frames each output frame sees."""
-    b, c, t, h, w = x.shape
-    co, ci, kt, kh, kw = weight.shape
-    to = (t - kt) // stride[0] + 1
-    taps = torch.stack([x[:, :, i : i + stride[0] * (to - 1) + 1 : stride[0]] for i in range(kt)], dim=1)
-    w2 = weight.transpose(1, 2).reshape(co, kt * ci, kh, kw)  # [out, kt, in, kh, kw]: tap-major, as stacked
-    if (
-        layout == "nhwc"
-    ):  # [b, kt, c, to, h, w] -> [b * to, h, w, kt * c], seen as NCHW with channels-last strides
-        xs = taps.permute(0, 3, 4, 5, 1, 2).reshape(b * to, h, w, kt * c).permute(0, 3, 1, 2)
-        w2 = w2.contiguous(memory_format=torch.channels_last)
-    else:
-        xs = taps.permute(0, 3, 1, 2, 4, 5).reshape(b * to, kt * c, h, w)
-    y = F.conv2d(xs, w2, bias, stride=stride[1:])
-    return y.unflatten(0, (b, to)).transpose(1, 2)
-
-
-def use_conv2d(layout: str | None) -> None:
-    """Route every CausalConv3d's convolution through stacked_conv2d (None: back to nn.Conv3d's)."""
-    if layout is None:
-        CausalConv3d._conv_forward = torch.nn.Conv3d._conv_forward
-    else:
-        CausalConv3d._conv_forward = lambda self, x, w, b: stacked_conv2d(x, w, b, self.stride, layout)
-
-
-def conv_shapes(vae, z) -> Counter:
-    """(input shape, weight shape, stride) of every convolution one decode of z runs, with counts; vae on the
-    meta device (as `build` makes it), so nothing is computed."""
-    seen = Counter()
-
-    def record(self, x, w, b):
-        seen[tuple(x.shape), tuple(w.shape), tuple(self.stride)] += 1
-        return torch.nn.Conv3d._conv_forward(self, x, w, b)
-
-    CausalConv3d._conv_forward = record
-    try:
-        vae.decode(z.to("meta"))
-    finally:
-        use_conv2d(None)
-    return seen
-
-
-def time_shapes(shapes: Counter, device: str) -> list:
-    rows = []
-    for (xs, ws, stride), n in shapes.most_common():
-        x = torch.randn(xs, device=device, dtype=torch.bfloat16)
-        w = torch.randn(ws, device=device, dtype=torch.bfloat16) * 0.02
-        ref = F.conv3d(x, w, None, stride).float()
-        # one multiply-add per output element and weight of its filter
-        flop = 2 * ref.numel() * math.prod(ws[1:])
-        r = {"input": xs, "weight": ws, "stride": stride, "count": n, "gflop": flop / 1e9}
-        for name, fn in (
-            ("conv3d", lambda x=x, w=w, s=stride: F.conv3d(x, w, None, s)),
-            ("conv2d", lambda x=x, w=w, s=stride: stacked_conv2d(x, w, None, s, "nchw")),
-            ("conv2d_nhwc", lambda x=x, w=w, s=stride: stacked_conv2d(x, w, None, s, "nhwc")),
-        ):
-            r[f"{name}_ms"] = time_cuda(fn, 2, 5)["median_ms"] if device == "cuda" else None
-            r[f"{name}_vs_conv3d"] = rel_err(fn().float(), ref)["rel_l2"]
-        rows.append(r)
-        print("shape", r, flush=True)
-    return rows
+def torch_rms_silu(x, norm, out=None):
+    y = F.silu(norm(x))
+    return y if out is None else out.copy_(y)
 
 
 def main():
@@ -110,23 +45,29 @@ def main():
     ap.add_argument("--frames", type=int, default=None)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--settings", default=",".join(SETTINGS))
-    ap.add_argument("--shapes", action="store_true", help="also time each distinct convolution of the decode")
+    ap.add_argument("--profile", action="store_true", help="also each decode's and encode's GPU time by kernel")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cuda = args.device == "cuda"
     cfg = load_model_config(args.model)
     f, h, w = args.frames or cfg.sample.frames, cfg.sample.height, cfg.sample.width
-    vae = random_part("vae", cfg, args.device)
+    # weights at make-checkpoint's realistic scales (norm gammas near 1): activations keep their size through
+    # the network, so the error against float32 means what it would on real weights
+    vae = build("vae", cfg).to_empty(device=args.device)
+    vae.load_state_dict(dict(random_tensors(vae, 0, torch.float32, args.device)))
+    vae = vae.eval().requires_grad_(False)
     gen = torch.Generator(device=args.device).manual_seed(1)
     first = torch.rand(1, 3, 1, h, w, generator=gen, device=args.device) * 2 - 1
     video = torch.cat([first, first.new_zeros(1, 3, f - 1, h, w)], dim=2).to(torch.bfloat16)
     res = {"model": cfg.name, "video": [f, h, w], "settings": {}}
-    ref = {}
     with torch.no_grad():
+        ref32 = {"latents": vae.encode(video.float())}  # the float32 reference, then bf16 for the settings
+        ref32["video"] = vae.decode(ref32["latents"])
+        vae = vae.to(torch.bfloat16)
+        ref = {}
         for name in args.settings.split(","):
-            channels_last, benchmark, conv2d = SETTINGS[name]
-            use_conv2d(conv2d)
-            torch.backends.cudnn.benchmark = benchmark
+            channels_last = SETTINGS[name]
+            vae_module.rms_silu = torch_rms_silu if name == "torch_norm" else FUSED
             fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
             for p in vae.parameters():  # Conv3d weights NDHWC, the Resample's Conv2d weights NHWC
                 if p.dim() in (4, 5):
@@ -144,16 +85,19 @@ def main():
                 ref = {"latents": z.float(), "video": x.float()}
             r["latents_vs_default"] = rel_err(z.float(), ref["latents"])
             r["video_vs_default"] = rel_err(x.float(), ref["video"])
+            r["latents_vs_fp32"] = rel_err(z.float(), ref32["latents"])
+            r["video_vs_fp32"] = rel_err(x.float(), ref32["video"])
+            if args.profile and cuda:
+                r["decode_kernels"] = kernel_breakdown(lambda z=z: vae.decode(z), top=16)
+                r["encode_kernels"] = kernel_breakdown(lambda v=v: vae.encode(v), top=8)
             res["settings"][name] = r
-            print(name, r, flush=True)
+            print(name, {k: v for k, v in r.items() if not k.endswith("_kernels")}, flush=True)
+            if "decode_kernels" in r:
+                print("  decode by kind (ms):", {k: round(v, 1) for k, v in r["decode_kernels"]["by_kind_ms"].items()})
+                for row in r["decode_kernels"]["top_ms"]:
+                    print(f"    {row['ms']:8.1f} {row['kind']:12s} {row['kernel'][:100]}")
             write_result("vae_speed", res, args.out)
-        use_conv2d(None)
-        if args.shapes:
-            z = torch.zeros(1, cfg.vae.z_dim, (f - 1) // 4 + 1, h // 8, w // 8, dtype=torch.bfloat16)
-            res["decode_convolutions"] = time_shapes(
-                conv_shapes(build("vae", cfg).to(torch.bfloat16), z), args.device
-            )
-            write_result("vae_speed", res, args.out)
+        vae_module.rms_silu = FUSED
     print(f"wrote {write_result('vae_speed', res, args.out)}")
 
 

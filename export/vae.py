@@ -22,26 +22,6 @@ LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)  # fmt: skip
 
 
-class CausalConv3d(nn.Conv3d):
-    """Conv3d padded only on the past side in time; with a cache, the past comes from the previous chunk."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        pt, ph, pw = self.padding
-        self.time_pad, self.space_pad = 2 * pt, (pw, pw, ph, ph)
-        self.padding = (0, 0, 0)
-
-    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
-        pad = self.time_pad
-        if cache is not None and pad > 0:
-            prev = cache.get(self)
-            if prev is not None:
-                pad -= prev.shape[2]
-                x = torch.cat([prev, x], dim=2)
-            cache[self] = x[:, :, -self.time_pad :].clone()
-        return super().forward(F.pad(x, (*self.space_pad, pad, 0)))
-
-
 class RMSNorm(nn.Module):
     """Channel-first RMS norm (F.normalize * sqrt(dim) * gamma); `images` picks a 2D or 3D gamma shape."""
 
@@ -54,6 +34,54 @@ class RMSNorm(nn.Module):
         return F.normalize(x, dim=1) * self.scale * self.gamma
 
 
+def rms_silu(x: torch.Tensor, norm: RMSNorm, out: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU(norm(x)) for [B, C, T, H, W], into `out` if given. On a GPU one Triton kernel (float32 inside, one
+    rounding at the end) reads x once; the torch ops round after each of five steps and move the tensor
+    eleven times. Traced graphs (ONNX export, compilers) get the torch ops, which they fuse themselves."""
+    if x.is_cuda and not _traced(x):
+        from x2v.export.vae_kernels import rms_silu_cuda
+
+        return rms_silu_cuda(x, norm.gamma, norm.scale, out)
+    y = F.silu(norm(x))
+    return y if out is None else out.copy_(y)
+
+
+def _traced(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return torch.compiler.is_compiling() or isinstance(t, FakeTensor)
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d padded only on the past side in time; with a cache, the past comes from the previous chunk."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.time_pad = 2 * self.padding[0]
+        self.padding = (0, *self.padding[1:])  # space is zero-padded by the convolution itself, time by hand
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None, norm: RMSNorm | None = None) -> torch.Tensor:
+        """norm: the RMSNorm whose output, through SiLU, this convolution reads: one fused pass that writes
+        straight after the past frames (rms_silu), instead of norm, SiLU and concatenation one by one."""
+        if not self.time_pad:
+            return super().forward(x if norm is None else rms_silu(x, norm))
+        past = None if cache is None else cache.get(self)
+        b, c, t, h, w = x.shape
+        # time_pad frames before x: the cached past, zeros where there is none (before the video's first frame)
+        buf = x.new_empty(b, c, self.time_pad + t, h, w)
+        start = self.time_pad - (0 if past is None else past.shape[2])
+        buf[:, :, :start].zero_()
+        if past is not None:
+            buf[:, :, start : self.time_pad] = past
+        if norm is None:
+            buf[:, :, self.time_pad :] = x
+        else:
+            rms_silu(x, norm, out=buf[:, :, self.time_pad :])
+        if cache is not None:
+            cache[self] = buf[:, :, -self.time_pad :].clone()
+        return super().forward(buf)
+
+
 class ResidualBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
@@ -64,10 +92,9 @@ class ResidualBlock(nn.Module):
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual  # SiLU and dropout (p=0) fused into the convs
         h = self.shortcut(x)
-        for layer in self.residual:
-            x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
-        return x + h
+        return conv2(conv1(x, cache, norm1), cache, norm2) + h
 
 
 def per_frame(fn, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +150,7 @@ class Resample(nn.Module):
     def _spatial(self, f: torch.Tensor) -> torch.Tensor:
         if self.mode.startswith("up"):
             up, conv = self.resample
-            return conv(up(f.float()).to(f.dtype))  # upsample in float32 as the official code does
+            return conv(up(f))  # nearest: the official float32 round trip copies the same values
         return self.resample(f)
 
     def _time_up(self, x, cache):
@@ -188,7 +215,8 @@ class Encoder3d(nn.Module):
         )
 
     def forward(self, x, cache=None):
-        return _run([self.conv1, *self.downsamples, *self.middle, *self.head], x, cache)
+        norm, _, conv = self.head
+        return conv(_run([self.conv1, *self.downsamples, *self.middle], x, cache), cache, norm)
 
 
 class Decoder3d(nn.Module):
@@ -216,7 +244,8 @@ class Decoder3d(nn.Module):
         )
 
     def forward(self, x, cache=None):
-        return _run([self.conv1, *self.middle, *self.upsamples, *self.head], x, cache)
+        norm, _, conv = self.head
+        return conv(_run([self.conv1, *self.middle, *self.upsamples], x, cache), cache, norm)
 
 
 def _tiles(n: int, tile: int, overlap: int) -> list[tuple[int, int]]:
