@@ -4,10 +4,12 @@
     (writes vae_speed-<card>.json)
 
 What the pipeline runs (encode of the first frame plus 80 zero frames, then the decode one latent frame at a
-time) with random bf16 weights, in three settings: the default (export/vae.py as the runtime runs it: the RMS
-norm and SiLU before each causal convolution fused into one Triton kernel that writes into the convolution's
-input buffer), `torch_norm` (the same with norm and SiLU as torch ops), and `channels_last` (the default with
-channels-last-3d weights, cuDNN's NDHWC kernels). Per setting: seconds of a first and a second call of each,
+time) with random bf16 weights, in three settings: the default (export/vae.py as the runtime runs it on a GPU:
+channels-last weights, so cuDNN runs NDHWC kernels on channels-last activations, and the RMS norm and SiLU
+before each causal convolution fused into one Triton kernel that writes into the convolution's input buffer),
+`channel_first` (the same with channel-first weights: cuDNN transposes around each convolution), and
+`torch_norm` (channel-first, norm and SiLU as torch ops: the VAE before either change, but for the spatial
+padding, now the convolution's own). Per setting: seconds of a first and a second call of each,
 peak memory, and the outputs' error against the default's and against the same VAE in float32 (the official
 VAE's precision), so a faster setting is also seen to be no less exact. `--profile` adds each decode's GPU
 time by kernel kind.
@@ -30,7 +32,7 @@ from x2v.export.load import build
 from x2v.export.make_checkpoint import random_tensors
 from x2v.runtime.config import load_model_config
 
-SETTINGS = {"default": False, "torch_norm": False, "channels_last": True}  # name: channels-last weights
+SETTINGS = {"default": True, "channel_first": False, "torch_norm": False}  # name: channels-last weights
 FUSED = vae_module.rms_silu
 
 
@@ -68,18 +70,16 @@ def main():
         for name in args.settings.split(","):
             channels_last = SETTINGS[name]
             vae_module.rms_silu = torch_rms_silu if name == "torch_norm" else FUSED
-            fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-            for p in vae.parameters():  # Conv3d weights NDHWC, the Resample's Conv2d weights NHWC
-                if p.dim() in (4, 5):
-                    last = torch.channels_last_3d if p.dim() == 5 else torch.channels_last
-                    p.data = p.data.contiguous(
-                        memory_format=last if channels_last else torch.contiguous_format
-                    )
+            if channels_last:
+                vae.to_channels_last()
+            else:
+                for p in vae.parameters():
+                    p.data = p.data.contiguous()
             r = {}
-            v = video.contiguous(memory_format=fmt)
+            v = video
             for call in ("first", "second"):
                 z, r[f"encode_{call}"] = timed_peaks(lambda v=v: vae.encode(v), cuda)
-                z = z.to(torch.bfloat16).contiguous(memory_format=fmt)
+                z = z.to(torch.bfloat16)
                 x, r[f"decode_{call}"] = timed_peaks(lambda z=z: vae.decode(z), cuda)
             if not ref:
                 ref = {"latents": z.float(), "video": x.float()}

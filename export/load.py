@@ -89,5 +89,7 @@ def load_part(part: str, ckpt: Path, cfg: ModelConfig, dtype=torch.float32, devi
         raise ValueError(f"model {cfg.name} has no {part} file in its config")
     state, sources = read_state_dict(resolve(ckpt, name), dtype)
     ignore = CLIPVision.IGNORED_PREFIXES if part == "clip" else ()
-    model = load_strict(build(part, cfg), state, sources, ignore=ignore)
-    return model.to(device).eval().requires_grad_(False)
+    model = load_strict(build(part, cfg), state, sources, ignore=ignore).to(device)
+    if part == "vae" and torch.device(device).type == "cuda":
+        model.to_channels_last()
+    return model.eval().requires_grad_(False)

@@ -1,7 +1,6 @@
 """Triton kernel of the VAE: channel-first RMS norm, gamma and SiLU in one pass (export/vae.py's rms_silu).
 
-The VAE's residual blocks normalize across channels, the stride-(T*H*W) dimension of [B, C, T, H, W], then
-apply SiLU before each causal convolution. In torch that is five ops and eleven trips of the activation
+The VAE's residual blocks normalize across the channels of [B, C, T, H, W], then apply SiLU before each causal convolution. In torch that is five ops and eleven trips of the activation
 through memory; here each program holds every channel of a few dozen positions in registers, so x is read
 once and the result written once, in float32 until the final rounding.
 
@@ -16,42 +15,37 @@ import triton.language as tl
 
 
 @triton.jit
-def rms_silu_kernel(X, G, Out, C, HW, S, s_xb, s_xc, s_xt, s_ob, s_oc, s_ot, scale, eps,
+def rms_silu_kernel(X, G, Out, C, H, W, S, s_xb, s_xc, s_xt, s_xh, s_xw, s_ob, s_oc, s_ot, s_oh, s_ow, scale, eps,
                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
-    """Positions (t, h, w) flattened to S = T*H*W, H*W contiguous; each program: BLOCK_S positions x all C."""
+    """Positions (t, h, w) flattened to S = T*H*W; each program: BLOCK_S positions x all C channels. Any
+    strides: channel-first ([B, C, T, H, W] contiguous) and channels-last-3d alike."""
     pid_s, b = tl.program_id(0), tl.program_id(1)
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_c = tl.arange(0, BLOCK_C)
-    t = offs_s // HW
-    p = offs_s - t * HW
+    t = offs_s // (H * W)
+    hh = offs_s // W % H
+    ww = offs_s % W
     mask = (offs_c[:, None] < C) & (offs_s[None, :] < S)
-    x = tl.load(X + b * s_xb + offs_c[:, None] * s_xc + (t * s_xt + p)[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)
+    x = tl.load(X + b * s_xb + offs_c[:, None] * s_xc + (t * s_xt + hh * s_xh + ww * s_xw)[None, :], mask=mask,
+                other=0.0).to(tl.float32)  # fmt: skip
     # F.normalize: x / max(||x||, eps), then * sqrt(C) * gamma
     inv = scale / tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)), eps)
     g = tl.load(G + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
     y = x * inv[None, :] * g[:, None]
     y = y * tl.sigmoid(y)
-    tl.store(Out + b * s_ob + offs_c[:, None] * s_oc + (t * s_ot + p)[None, :], y.to(Out.dtype.element_ty), mask=mask)
-
-
-def _strides(x: torch.Tensor) -> tuple[int, int, int]:
-    """(batch, channel, frame) strides of [B, C, T, H, W] whose H*W positions are contiguous per frame."""
-    _, _, _, h, w = x.shape
-    if x.stride(4) != 1 or x.stride(3) != w:
-        raise ValueError(f"rms_silu needs each frame's H x W contiguous, got strides {x.stride()}")
-    return x.stride(0), x.stride(1), x.stride(2)
+    o = Out + b * s_ob + offs_c[:, None] * s_oc + (t * s_ot + hh * s_oh + ww * s_ow)[None, :]
+    tl.store(o, y.to(Out.dtype.element_ty), mask=mask)
 
 
 def rms_silu_cuda(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch.Tensor | None = None):
     b, c, t, h, w = x.shape
-    out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+    out = torch.empty_like(x) if out is None else out
     if out.shape != x.shape:
         raise ValueError(f"rms_silu: out has shape {tuple(out.shape)}, x {tuple(x.shape)}")
     block_c = triton.next_power_of_2(c)
     block_s = max(16, 8192 // block_c)  # 8192 values a program: 32 a thread at 8 warps
     s = t * h * w
     grid = (triton.cdiv(s, block_s), b)
-    rms_silu_kernel[grid](x, gamma.reshape(-1), out, c, h * w, s, *_strides(x), *_strides(out), scale, 1e-12,
+    rms_silu_kernel[grid](x, gamma.reshape(-1), out, c, h, w, s, *x.stride(), *out.stride(), scale, 1e-12,
                           BLOCK_C=block_c, BLOCK_S=block_s, num_warps=8)  # fmt: skip
     return out

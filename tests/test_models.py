@@ -258,22 +258,24 @@ torch.manual_seed(0)
 for c in (96, 20):  # channel counts that are not powers of two
     norm = RMSNorm(c, images=False)
     norm.gamma.data = torch.rand(c, 1, 1, 1) + 0.5
-    x = torch.randn(1, 3, c, 5, 7).transpose(1, 2)  # frames before channels in memory, as per_frame hands over
-    buf = torch.full((1, c, 5, 5, 7), float("nan"))
-    rms_silu_cuda(x, norm.gamma, norm.scale, out=buf[:, :, 2:])  # after two frames of a conv's causal past
-    print((buf[:, :, 2:] - F.silu(norm(x))).abs().max().item(), int(buf[:, :, :2].isnan().all()))
+    for fmt in (torch.contiguous_format, torch.channels_last_3d):
+        x = torch.randn(1, c, 3, 5, 7).contiguous(memory_format=fmt)
+        buf = torch.full((1, c, 5, 5, 7), float("nan")).contiguous(memory_format=fmt)
+        rms_silu_cuda(x, norm.gamma, norm.scale, out=buf[:, :, 2:])  # after two frames of a conv's causal past
+        print((buf[:, :, 2:] - F.silu(norm(x))).abs().max().item(), int(buf[:, :, :2].isnan().all()))
 """
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
 def test_vae_norm_kernel_agrees_with_torch_in_the_interpreter():
-    """The GPU's fused RMS norm + SiLU (strides, masks for channel counts that are not powers of two, writing
-    into a slice of a conv's input buffer) run in Triton's CPU interpreter against the torch ops."""
+    """The GPU's fused RMS norm + SiLU (channel-first and channels-last strides, masks for channel counts that
+    are not powers of two, writing into a slice of a conv's input buffer) in Triton's CPU interpreter against
+    the torch ops."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", RMS_SILU_INTERPRETED], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split() for line in out.stdout.split("\n") if line]
-    assert len(rows) == 2 and all(float(err) < 1e-5 and untouched == "1" for err, untouched in rows), rows
+    assert len(rows) == 4 and all(float(err) < 1e-5 and untouched == "1" for err, untouched in rows), rows
 
 
 def test_cli_help_is_fast_and_light():
