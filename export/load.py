@@ -90,6 +90,7 @@ def load_part(part: str, ckpt: Path, cfg: ModelConfig, dtype=torch.float32, devi
     state, sources = read_state_dict(resolve(ckpt, name), dtype)
     ignore = CLIPVision.IGNORED_PREFIXES if part == "clip" else ()
     model = load_strict(build(part, cfg), state, sources, ignore=ignore).to(device)
+    model = model.eval().requires_grad_(False)
     if part == "vae" and torch.device(device).type == "cuda":
-        model.to_channels_last()
-    return model.eval().requires_grad_(False)
+        model.to_channels_last().warm_up()
+    return model
