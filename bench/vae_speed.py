@@ -47,7 +47,9 @@ def main():
     ap.add_argument("--frames", type=int, default=None)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--settings", default=",".join(SETTINGS))
-    ap.add_argument("--profile", action="store_true", help="also each decode's and encode's GPU time by kernel")
+    ap.add_argument(
+        "--profile", action="store_true", help="also each decode's and encode's GPU time by kernel"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cuda = args.device == "cuda"
@@ -93,7 +95,10 @@ def main():
             res["settings"][name] = r
             print(name, {k: v for k, v in r.items() if not k.endswith("_kernels")}, flush=True)
             if "decode_kernels" in r:
-                print("  decode by kind (ms):", {k: round(v, 1) for k, v in r["decode_kernels"]["by_kind_ms"].items()})
+                print(
+                    "  decode by kind (ms):",
+                    {k: round(v, 1) for k, v in r["decode_kernels"]["by_kind_ms"].items()},
+                )
                 for row in r["decode_kernels"]["top_ms"]:
                     print(f"    {row['ms']:8.1f} {row['kind']:12s} {row['kernel'][:100]}")
             write_result("vae_speed", res, args.out)

@@ -60,7 +60,9 @@ class CausalConv3d(nn.Conv3d):
         self.time_pad = 2 * self.padding[0]
         self.padding = (0, *self.padding[1:])  # space is zero-padded by the convolution itself, time by hand
 
-    def forward(self, x: torch.Tensor, cache: dict | None = None, norm: RMSNorm | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: dict | None = None, norm: RMSNorm | None = None
+    ) -> torch.Tensor:
         """norm: the RMSNorm whose output, through SiLU, this convolution reads: one fused pass that writes
         straight after the past frames (rms_silu), instead of norm, SiLU and concatenation one by one."""
         if not self.time_pad:
@@ -68,7 +70,9 @@ class CausalConv3d(nn.Conv3d):
         past = None if cache is None else cache.get(self)
         b, c, t, h, w = x.shape
         # time_pad frames before x: the cached past, zeros where there is none (before the video's first frame)
-        fmt = torch.channels_last_3d if channels_last(self.weight) else torch.contiguous_format  # cuDNN's choice
+        fmt = (
+            torch.channels_last_3d if channels_last(self.weight) else torch.contiguous_format
+        )  # cuDNN's choice
         buf = torch.empty((b, c, self.time_pad + t, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
         start = self.time_pad - (0 if past is None else past.shape[2])
         buf[:, :, :start].zero_()

@@ -33,7 +33,9 @@ def rms_silu_kernel(X, G, Out, C, H, W, S, s_xb, s_xc, s_xt, s_xh, s_xw, s_ob, s
     cx = offs_c if CHANNELS_LAST else offs_c * s_xc
     co = offs_c if CHANNELS_LAST else offs_c * s_oc
     mask = (offs_c[:, None] < C) & (offs_s[None, :] < S)
-    x = tl.load(X + b * s_xb + cx[:, None] + (t * s_xt + hh * s_xh + ww * s_xw)[None, :], mask=mask, other=0.0)
+    x = tl.load(
+        X + b * s_xb + cx[:, None] + (t * s_xt + hh * s_xh + ww * s_xw)[None, :], mask=mask, other=0.0
+    )
     x = x.to(tl.float32)
     # F.normalize: x / max(||x||, eps), then * sqrt(C) * gamma
     inv = scale / tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)), eps)

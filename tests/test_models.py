@@ -272,7 +272,9 @@ def test_vae_norm_kernel_agrees_with_torch_in_the_interpreter():
     are not powers of two, writing into a slice of a conv's input buffer) in Triton's CPU interpreter against
     the torch ops."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", RMS_SILU_INTERPRETED], capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", RMS_SILU_INTERPRETED], capture_output=True, text=True, env=env
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split() for line in out.stdout.split("\n") if line]
     assert len(rows) == 4 and all(float(err) < 1e-5 and untouched == "1" for err, untouched in rows), rows
