@@ -8,8 +8,8 @@ time) with random bf16 weights, in three settings: the default (export/vae.py as
 channels-last weights, so cuDNN runs NDHWC kernels on channels-last activations, and the RMS norm and SiLU
 before each causal convolution fused into one Triton kernel that writes into the convolution's input buffer),
 `channel_first` (the same with channel-first weights: cuDNN transposes around each convolution), and
-`torch_norm` (channel-first, norm and SiLU as torch ops: the VAE before either change, but for the spatial
-padding, now the convolution's own). Per setting: seconds of a first and a second call of each,
+`torch_norm` (channel-first, norm, SiLU and the convolutions' bias as torch ops: the VAE before either change,
+but for the spatial padding, now the convolution's own). Per setting: seconds of a first and a second call of each,
 peak memory, and the outputs' error against the default's and against the same VAE in float32 (the official
 VAE's precision), so a faster setting is also seen to be no less exact. `--profile` adds each decode's GPU
 time by kernel kind.
@@ -33,12 +33,16 @@ from x2v.export.make_checkpoint import random_tensors
 from x2v.runtime.config import load_model_config
 
 SETTINGS = {"default": True, "channel_first": False, "torch_norm": False}  # name: channels-last weights
-FUSED = vae_module.rms_silu
+FUSED = vae_module.rms_silu, vae_module.add_bias_residual
 
 
-def torch_rms_silu(x, norm, out=None):
-    y = F.silu(norm(x))
+def torch_rms_silu(x, norm, out=None, bias=None):
+    y = F.silu(norm(x if bias is None else x + bias.view(1, -1, 1, 1, 1)))
     return y if out is None else out.copy_(y)
+
+
+def torch_add_bias_residual(y, bias, h):
+    return y.add_(bias.view(1, -1, 1, 1, 1)).add_(h)
 
 
 def main():
@@ -71,7 +75,8 @@ def main():
         ref = {}
         for name in args.settings.split(","):
             channels_last = SETTINGS[name]
-            vae_module.rms_silu = torch_rms_silu if name == "torch_norm" else FUSED
+            torch_ops = torch_rms_silu, torch_add_bias_residual
+            vae_module.rms_silu, vae_module.add_bias_residual = torch_ops if name == "torch_norm" else FUSED
             if channels_last:
                 vae.to_channels_last()
             else:
@@ -102,7 +107,7 @@ def main():
                 for row in r["decode_kernels"]["top_ms"]:
                     print(f"    {row['ms']:8.1f} {row['kind']:12s} {row['kernel'][:100]}")
             write_result("vae_speed", res, args.out)
-        vae_module.rms_silu = FUSED
+        vae_module.rms_silu, vae_module.add_bias_residual = FUSED
     print(f"wrote {write_result('vae_speed', res, args.out)}")
 
 

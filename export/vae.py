@@ -34,16 +34,33 @@ class RMSNorm(nn.Module):
         return F.normalize(x, dim=1) * self.scale * self.gamma
 
 
-def rms_silu(x: torch.Tensor, norm: RMSNorm, out: torch.Tensor | None = None) -> torch.Tensor:
-    """SiLU(norm(x)) for [B, C, T, H, W], into `out` if given. On a GPU one Triton kernel (float32 inside, one
-    rounding at the end) reads x once; the torch ops round after each of five steps and move the tensor
-    eleven times. Traced graphs (ONNX export, compilers) get the torch ops, which they fuse themselves."""
+def _channels(b: torch.Tensor) -> torch.Tensor:
+    return b.view(1, -1, 1, 1, 1)
+
+
+def rms_silu(
+    x: torch.Tensor, norm: RMSNorm, out: torch.Tensor | None = None, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SiLU(norm(x + bias)) for [B, C, T, H, W] (bias: the producing convolution's, per channel), into `out` if
+    given. On a GPU one Triton kernel (float32 inside, one rounding at the end) reads x once; the torch ops round
+    after each of six steps and move the tensor thirteen times. Traced graphs (ONNX export, compilers) get the
+    torch ops, which they fuse themselves."""
     if x.is_cuda and not _traced(x):
         from x2v.export.vae_kernels import rms_silu_cuda
 
-        return rms_silu_cuda(x, norm.gamma, norm.scale, out)
-    y = F.silu(norm(x))
+        return rms_silu_cuda(x, norm.gamma, norm.scale, out, bias)
+    y = F.silu(norm(x if bias is None else x + _channels(bias)))
     return y if out is None else out.copy_(y)
+
+
+def add_bias_residual(y: torch.Tensor, bias: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """y + bias + h, in y's memory: a residual block's output from its last convolution run without bias (torch
+    adds a convolution's bias in a pass of its own, broadcast and so unvectorized: 0.11 s of a 1.03 s decode)."""
+    if y.is_cuda and not _traced(y):
+        from x2v.export.vae_kernels import add_bias_residual_cuda
+
+        return add_bias_residual_cuda(y, bias, h)
+    return y.add_(_channels(bias)).add_(h)
 
 
 def _traced(t: torch.Tensor) -> bool:
@@ -61,12 +78,20 @@ class CausalConv3d(nn.Conv3d):
         self.padding = (0, *self.padding[1:])  # space is zero-padded by the convolution itself, time by hand
 
     def forward(
-        self, x: torch.Tensor, cache: dict | None = None, norm: RMSNorm | None = None
+        self,
+        x: torch.Tensor,
+        cache: dict | None = None,
+        norm: RMSNorm | None = None,
+        x_bias: torch.Tensor | None = None,
+        bias: bool = True,
     ) -> torch.Tensor:
         """norm: the RMSNorm whose output, through SiLU, this convolution reads: one fused pass that writes
-        straight after the past frames (rms_silu), instead of norm, SiLU and concatenation one by one."""
+        straight after the past frames (rms_silu), instead of norm, SiLU and concatenation one by one.
+        x_bias: a bias x still lacks (its convolution's), added in that pass. bias=False: the output without
+        this convolution's bias, for the caller to add in a pass it makes anyway."""
         if not self.time_pad:
-            return super().forward(x if norm is None else rms_silu(x, norm))
+            x = x if norm is None else rms_silu(x, norm, bias=x_bias)
+            return self._conv(x, bias)
         past = None if cache is None else cache.get(self)
         b, c, t, h, w = x.shape
         # time_pad frames before x: the cached past, zeros where there is none (before the video's first frame)
@@ -81,10 +106,15 @@ class CausalConv3d(nn.Conv3d):
         if norm is None:
             buf[:, :, self.time_pad :] = x
         else:
-            rms_silu(x, norm, out=buf[:, :, self.time_pad :])
+            rms_silu(x, norm, out=buf[:, :, self.time_pad :], bias=x_bias)
         if cache is not None:
             cache[self] = buf[:, :, -self.time_pad :].clone()
-        return super().forward(buf)
+        return self._conv(buf, bias)
+
+    def _conv(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
+        if bias:
+            return super().forward(x)
+        return F.conv3d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
 
 
 def channels_last(weight: torch.Tensor) -> bool:
@@ -105,7 +135,9 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual  # SiLU and dropout (p=0) fused into the convs
         h = self.shortcut(x)
-        return conv2(conv1(x, cache, norm1), cache, norm2) + h
+        # both convolutions without their bias: conv1's joins the norm pass, conv2's the residual add
+        y = conv2(conv1(x, cache, norm1, bias=False), cache, norm2, x_bias=conv1.bias, bias=False)
+        return add_bias_residual(y, conv2.bias, h)
 
 
 def per_frame(fn, x: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,9 @@ import triton.language as tl
 # loads be vectorized; unspecialized, the encode took 0.76 s instead of 0.65), and channels-last strides
 # share one pattern. Channels-last (the GPU runtime's layout) is a constexpr: channels known contiguous.
 @triton.jit(do_not_specialize=["C", "H", "W", "S"])
-def rms_silu_kernel(X, G, Out, C, H, W, S, s_xb, s_xc, s_xt, s_xh, s_xw, s_ob, s_oc, s_ot, s_oh, s_ow, scale, eps,
-                    CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+def rms_silu_kernel(X, Bias, G, Out, C, H, W, S, s_xb, s_xc, s_xt, s_xh, s_xw, s_ob, s_oc, s_ot, s_oh, s_ow, scale,
+                    eps, HAS_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BLOCK_S: tl.constexpr):  # fmt: skip
     """Positions (t, h, w) flattened to S = T*H*W; each program: BLOCK_S positions x all C channels. Any
     strides; CHANNELS_LAST: the channel strides are 1 (s_xc, s_oc unused)."""
     pid_s, b = tl.program_id(0), tl.program_id(1)
@@ -37,6 +38,8 @@ def rms_silu_kernel(X, G, Out, C, H, W, S, s_xb, s_xc, s_xt, s_xh, s_xw, s_ob, s
         X + b * s_xb + cx[:, None] + (t * s_xt + hh * s_xh + ww * s_xw)[None, :], mask=mask, other=0.0
     )
     x = x.to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(Bias + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[:, None]
     # F.normalize: x / max(||x||, eps), then * sqrt(C) * gamma
     inv = scale / tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)), eps)
     g = tl.load(G + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
@@ -46,7 +49,9 @@ def rms_silu_kernel(X, G, Out, C, H, W, S, s_xb, s_xc, s_xt, s_xh, s_xw, s_ob, s
     tl.store(o, y.to(Out.dtype.element_ty), mask=mask)
 
 
-def rms_silu_cuda(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch.Tensor | None = None):
+def rms_silu_cuda(
+    x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch.Tensor | None = None, bias=None
+):
     b, c, t, h, w = x.shape
     out = torch.empty_like(x) if out is None else out
     if out.shape != x.shape:
@@ -56,6 +61,32 @@ def rms_silu_cuda(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch
     block_s = max(16, 8192 // block_c)  # 8192 values a program: 32 a thread at 8 warps
     s = t * h * w
     grid = (triton.cdiv(s, block_s), b)
-    rms_silu_kernel[grid](x, gamma.reshape(-1), out, c, h, w, s, *x.stride(), *out.stride(), scale, 1e-12,
-                          CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=8)  # fmt: skip
+    rms_silu_kernel[grid](x, gamma if bias is None else bias, gamma.reshape(-1), out, c, h, w, s, *x.stride(),
+                          *out.stride(), scale, 1e-12, HAS_BIAS=bias is not None, CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=8)  # fmt: skip
     return out
+
+
+@triton.jit
+def add_bias_residual_kernel(Y, Bias, Hres, N, C, THW, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """Y += Bias[channel] + Hres over N elements of two dense tensors laid out alike (Y's memory order)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    c = offs % C if CHANNELS_LAST else offs // THW % C
+    y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(Hres + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(Bias + c, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + offs, (y + b + r).to(Y.dtype.element_ty), mask=mask)
+
+
+def add_bias_residual_cuda(y: torch.Tensor, bias: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    b, c, t, hh, w = y.shape
+    channels_last = y.is_contiguous(memory_format=torch.channels_last_3d) and c > 1 and y.stride(1) == 1
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    if not y.is_contiguous(memory_format=fmt):
+        raise ValueError(f"add_bias_residual: y must be dense, got strides {y.stride()}")
+    if h.stride() != y.stride():  # a residual laid out otherwise (rare: a view from another layout)
+        h = h.contiguous(memory_format=fmt)
+    n = y.numel()
+    add_bias_residual_kernel[(triton.cdiv(n, 2048),)](y, bias, h, n, c, t * hh * w, CHANNELS_LAST=channels_last,
+                                                      BLOCK=2048, num_warps=8)  # fmt: skip
+    return y

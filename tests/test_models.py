@@ -252,32 +252,37 @@ RMS_SILU_INTERPRETED = """
 import torch
 import torch.nn.functional as F
 from x2v.export.vae import RMSNorm
-from x2v.export.vae_kernels import rms_silu_cuda
+from x2v.export.vae_kernels import add_bias_residual_cuda, rms_silu_cuda
 
 torch.manual_seed(0)
 for c in (96, 20):  # channel counts that are not powers of two
     norm = RMSNorm(c, images=False)
     norm.gamma.data = torch.rand(c, 1, 1, 1) + 0.5
+    bias = torch.randn(c)
     for fmt in (torch.contiguous_format, torch.channels_last_3d):
         x = torch.randn(1, c, 3, 5, 7).contiguous(memory_format=fmt)
         buf = torch.full((1, c, 5, 5, 7), float("nan")).contiguous(memory_format=fmt)
-        rms_silu_cuda(x, norm.gamma, norm.scale, out=buf[:, :, 2:])  # after two frames of a conv's causal past
-        print((buf[:, :, 2:] - F.silu(norm(x))).abs().max().item(), int(buf[:, :, :2].isnan().all()))
+        rms_silu_cuda(x, norm.gamma, norm.scale, out=buf[:, :, 2:], bias=bias)  # after two frames of causal past
+        ref = F.silu(norm(x + bias.view(1, -1, 1, 1, 1)))
+        print((buf[:, :, 2:] - ref).abs().max().item(), int(buf[:, :, :2].isnan().all()))
+        y, h = torch.randn(1, c, 3, 5, 7).contiguous(memory_format=fmt), torch.randn(1, c, 3, 5, 7)
+        ref = y + bias.view(1, -1, 1, 1, 1) + h
+        print((add_bias_residual_cuda(y, bias, h) - ref).abs().max().item(), 1)
 """
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
 def test_vae_norm_kernel_agrees_with_torch_in_the_interpreter():
-    """The GPU's fused RMS norm + SiLU (channel-first and channels-last strides, masks for channel counts that
-    are not powers of two, writing into a slice of a conv's input buffer) in Triton's CPU interpreter against
-    the torch ops."""
+    """The GPU's fused RMS norm + SiLU with the previous convolution's bias (channel-first and channels-last
+    strides, masks for channel counts that are not powers of two, writing into a slice of a conv's input
+    buffer) and its bias + residual add, in Triton's CPU interpreter against the torch ops."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run(
         [sys.executable, "-c", RMS_SILU_INTERPRETED], capture_output=True, text=True, env=env
     )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split() for line in out.stdout.split("\n") if line]
-    assert len(rows) == 4 and all(float(err) < 1e-5 and untouched == "1" for err, untouched in rows), rows
+    assert len(rows) == 8 and all(float(err) < 1e-5 and untouched == "1" for err, untouched in rows), rows
 
 
 def test_cli_help_is_fast_and_light():
