@@ -21,22 +21,26 @@ import triton.language as tl
 # share one pattern. Channels-last (the GPU runtime's layout) is a constexpr: channels known contiguous.
 @triton.jit(do_not_specialize=["C", "H", "W", "S"])
 def rms_silu_kernel(X, Bias, G, Out, C, H, W, S, s_xb, s_xc, s_xt, s_xh, s_xw, s_ob, s_oc, s_ot, s_oh, s_ow, scale,
-                    eps, HAS_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
-                    BLOCK_S: tl.constexpr):  # fmt: skip
+                    eps, HAS_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr, DENSE: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
     """Positions (t, h, w) flattened to S = T*H*W; each program: BLOCK_S positions x all C channels. Any
     strides; CHANNELS_LAST: the channel strides are 1 (s_xc, s_oc unused)."""
     pid_s, b = tl.program_id(0), tl.program_id(1)
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_c = tl.arange(0, BLOCK_C)
-    t = offs_s // (H * W)
-    hh = offs_s // W % H
-    ww = offs_s % W
+    if DENSE:  # positions at one stride (s_w) in x and out alike: no division by runtime sizes
+        px = offs_s * s_xw
+        po = offs_s * s_ow
+    else:
+        t = offs_s // (H * W)
+        hh = offs_s // W % H
+        ww = offs_s % W
+        px = t * s_xt + hh * s_xh + ww * s_xw
+        po = t * s_ot + hh * s_oh + ww * s_ow
     cx = offs_c if CHANNELS_LAST else offs_c * s_xc
     co = offs_c if CHANNELS_LAST else offs_c * s_oc
     mask = (offs_c[:, None] < C) & (offs_s[None, :] < S)
-    x = tl.load(
-        X + b * s_xb + cx[:, None] + (t * s_xt + hh * s_xh + ww * s_xw)[None, :], mask=mask, other=0.0
-    )
+    x = tl.load(X + b * s_xb + cx[:, None] + px[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
     if HAS_BIAS:
         x += tl.load(Bias + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[:, None]
@@ -45,7 +49,7 @@ def rms_silu_kernel(X, Bias, G, Out, C, H, W, S, s_xb, s_xc, s_xt, s_xh, s_xw, s
     g = tl.load(G + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
     y = x * inv[None, :] * g[:, None]
     y = y * tl.sigmoid(y)
-    o = Out + b * s_ob + co[:, None] + (t * s_ot + hh * s_oh + ww * s_ow)[None, :]
+    o = Out + b * s_ob + co[:, None] + po[None, :]
     tl.store(o, y.to(Out.dtype.element_ty), mask=mask)
 
 
@@ -57,12 +61,17 @@ def rms_silu_cuda(
     if out.shape != x.shape:
         raise ValueError(f"rms_silu: out has shape {tuple(out.shape)}, x {tuple(x.shape)}")
     channels_last = x.stride(1) == 1 and out.stride(1) == 1
+
+    def dense(a):  # frames, rows and columns at one stride
+        return a.stride(2) == h * a.stride(3) and a.stride(3) == w * a.stride(4)
+
     block_c = triton.next_power_of_2(c)
     block_s = max(16, 8192 // block_c)  # 8192 values a program: 32 a thread at 8 warps
     s = t * h * w
     grid = (triton.cdiv(s, block_s), b)
     rms_silu_kernel[grid](x, gamma if bias is None else bias, gamma.reshape(-1), out, c, h, w, s, *x.stride(),
-                          *out.stride(), scale, 1e-12, HAS_BIAS=bias is not None, CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=8)  # fmt: skip
+                          *out.stride(), scale, 1e-12, HAS_BIAS=bias is not None, CHANNELS_LAST=channels_last,
+                          DENSE=dense(x) and dense(out), BLOCK_C=block_c, BLOCK_S=block_s, num_warps=8)  # fmt: skip
     return out
 
 

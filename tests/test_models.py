@@ -261,6 +261,8 @@ for c in (96, 20):  # channel counts that are not powers of two
     bias = torch.randn(c)
     for fmt in (torch.contiguous_format, torch.channels_last_3d):
         x = torch.randn(1, c, 3, 5, 7).contiguous(memory_format=fmt)
+        if fmt == torch.contiguous_format:  # frames before channels in memory: positions not at one stride
+            x = torch.randn(1, 3, c, 5, 7).transpose(1, 2)
         buf = torch.full((1, c, 5, 5, 7), float("nan")).contiguous(memory_format=fmt)
         rms_silu_cuda(x, norm.gamma, norm.scale, out=buf[:, :, 2:], bias=bias)  # after two frames of causal past
         ref = F.silu(norm(x + bias.view(1, -1, 1, 1, 1)))
