@@ -23,6 +23,8 @@ from x2v.runtime.engines import FORMAT, MANIFEST, dtype_name, sha256_file
 
 SOURCES = ("export/dit.py", "export/engines.py", "export/fp8.py", "export/onnx_ops.py",
            "plugins/sage_attention.py", "plugins/sage_kernels.py")  # fmt: skip
+# What the encoder and VAE engines are traced from, besides SOURCES: a change there rebuilds only them.
+PART_SOURCES = {"t5": ("export/t5.py",), "clip": ("export/clip.py",), "vae": ("export/vae.py",)}
 ROOT = Path(__file__).resolve().parent.parent
 # GPU-config settings the runtime applies (VAE decode chunk and tile, where encoder and DiT weights live):
 # changing them rebuilds no engine.
@@ -53,9 +55,9 @@ def versions(backend: str) -> dict:
     return v
 
 
-def source_hash() -> str:
+def source_hash(sources: tuple[str, ...] = SOURCES) -> str:
     h = hashlib.sha256()
-    for rel in SOURCES:
+    for rel in sources:
         h.update((ROOT / rel).read_bytes())
     return h.hexdigest()
 
@@ -204,7 +206,8 @@ def build(model: str, ckpt: Path, gpu: str, out: Path, precision: str | None = N
 
 
 def build_aux(cfg, ckpt, out, shapes, g, compute, backend, common, old, log) -> dict:
-    """umT5, CLIP and VAE encode/decode engines; their key includes the weight files' size and mtime."""
+    """umT5, CLIP and VAE encode/decode engines; their key includes the weight files' size and mtime, and the
+    source of the model they are traced from."""
     from x2v.export.load import load_part
 
     entries = {}
@@ -221,14 +224,15 @@ def build_aux(cfg, ckpt, out, shapes, g, compute, backend, common, old, log) -> 
     for part, shape in jobs:
         wfile = Path(ckpt) / files[part]
         stat = wfile.stat()
+        name = {"text": "t5", "image": "clip", "vae_encode": "vae", "vae_decode": "vae"}[part]
+        key_data = {**common, "weights": [wfile.name, stat.st_size, stat.st_mtime_ns]}
         key, file, digest = job(
-            part, shape, ext, {**common, "weights": [wfile.name, stat.st_size, stat.st_mtime_ns]}
+            part, shape, ext, {**key_data, "part_source": source_hash(PART_SOURCES[name])}
         )
         if prev := reuse(old, key, digest, out / file, log):
             entries[key] = prev
             continue
         t1 = time.perf_counter()
-        name = {"text": "t5", "image": "clip", "vae_encode": "vae", "vae_decode": "vae"}[part]
         if name not in models:
             models[name] = load_part(name, ckpt, cfg, dtype=compute, device=g.device)
         latent = None if shape is None else latent_shape(cfg, shape)

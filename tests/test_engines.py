@@ -210,6 +210,22 @@ def test_rebuild_reuses_what_is_up_to_date(tiny_ckpt, engines, tmp_path):
     assert m["profiles"] == ["9x48x64", "5x48x64"]
 
 
+def test_a_changed_vae_source_rebuilds_the_vae_engines_only(tiny_ckpt, engines, tmp_path, monkeypatch):
+    from x2v.export import build as B
+
+    real = B.source_hash
+    monkeypatch.setattr(
+        B,
+        "source_hash",
+        lambda sources=B.SOURCES: real(sources) + ("!" if "export/vae.py" in sources else ""),
+    )
+    d, logs = copy_engines(engines, tmp_path), []
+    build("tiny", tiny_ckpt, "cpu", d, log=logs.append)
+    rebuilt = sorted(s.split(":")[0] for s in logs if " built " in s)
+    assert rebuilt == ["vae_decode@9x48x64", "vae_encode@9x48x64"], logs
+    assert sum("up to date" in s for s in logs) == 6
+
+
 def test_runtime_only_gpu_settings_rebuild_nothing(tiny_ckpt, engines, tmp_path, monkeypatch):
     from dataclasses import replace
 
