@@ -94,10 +94,9 @@ class CausalConv3d(nn.Conv3d):
             return self._conv(x, bias)
         past = None if cache is None else cache.get(self)
         b, c, t, h, w = x.shape
-        # time_pad frames before x: the cached past, zeros where there is none (before the video's first frame)
-        fmt = (
-            torch.channels_last_3d if channels_last(self.weight) else torch.contiguous_format
-        )  # cuDNN's choice
+        # time_pad frames before x: the cached past, zeros where there is none (before the video's first
+        # frame); laid out as cuDNN will run the convolution
+        fmt = torch.channels_last_3d if channels_last(self.weight) else torch.contiguous_format
         buf = torch.empty((b, c, self.time_pad + t, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
         start = self.time_pad - (0 if past is None else past.shape[2])
         buf[:, :, :start].zero_()
@@ -118,7 +117,7 @@ class CausalConv3d(nn.Conv3d):
 
 
 def channels_last(weight: torch.Tensor) -> bool:
-    """Whether a convolution weight is in channels-last memory (WanVAE.channels_last), so cuDNN runs the
+    """Whether a convolution weight is in channels-last memory (WanVAE.to_channels_last), so cuDNN runs the
     convolution in NDHWC / NHWC and its input should be laid out so."""
     return weight.shape[1] > 1 and weight.stride(1) == 1
 

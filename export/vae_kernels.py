@@ -1,8 +1,12 @@
-"""Triton kernel of the VAE: channel-first RMS norm, gamma and SiLU in one pass (export/vae.py's rms_silu).
+"""Triton kernels of the VAE (export/vae.py's rms_silu and add_bias_residual), for GPUs.
 
-The VAE's residual blocks normalize across the channels of [B, C, T, H, W], then apply SiLU before each causal convolution. In torch that is five ops and eleven trips of the activation
-through memory; here each program holds every channel of a few dozen positions in registers, so x is read
-once and the result written once, in float32 until the final rounding.
+- rms_silu_kernel: the residual blocks normalize across the channels of [B, C, T, H, W], scale by gamma and
+  apply SiLU before each causal convolution, after the previous convolution's bias. In torch that is six ops
+  and thirteen trips of the activation through memory; here each program holds every channel of a few dozen
+  positions in registers, so x is read once and the result written once (into the convolution's input
+  buffer), in float32 until the final rounding.
+- add_bias_residual_kernel: a block's last convolution's bias and the residual in one pass (torch adds a
+  convolution's bias in a broadcast pass of its own).
 
 Imported only where Triton and a CUDA GPU exist.
 """
