@@ -64,9 +64,11 @@ def add_bias_residual(y: torch.Tensor, bias: torch.Tensor, h: torch.Tensor) -> t
 
 
 def _traced(t: torch.Tensor) -> bool:
+    """Inside torch.compile, torch.export (ONNX export) or functionalization: no Triton launches there."""
     from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
 
-    return torch.compiler.is_compiling() or isinstance(t, FakeTensor)
+    return torch.compiler.is_compiling() or isinstance(t, (FakeTensor, FunctionalTensor))
 
 
 class CausalConv3d(nn.Conv3d):
