@@ -327,7 +327,8 @@ class WanVAE(nn.Module):
     def to_channels_last(self) -> WanVAE:
         """Convolution weights in channels-last memory, so cuDNN runs its NDHWC / NHWC kernels and the
         activations stay channels-last between them (channel-first weights make cuDNN transpose every
-        convolution's input and output: 0.2 s of a 1.2 s decode at 480P, bench/results/vae_speed-h200.json)."""
+        convolution's input and output: 0.2 s of a 1.2 s decode at 480P,
+        bench/results/vae_speed_specialized-h200.json)."""
         for p in self.parameters():
             if p.dim() in (4, 5):
                 fmt = torch.channels_last_3d if p.dim() == 5 else torch.channels_last
