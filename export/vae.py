@@ -339,7 +339,7 @@ class WanVAE(nn.Module):
     def warm_up(self) -> None:
         """Encode and decode 5 frames of 32 x 32 px, so the norm kernel's compiled variants (one per channel
         count and dtype: its strides, multiples of the channel count, share one pattern at any frame size) are
-        compiled, or loaded from Triton's disk cache, here rather than in the first request: about 2.5 s on a
+        compiled, or loaded from Triton's disk cache, here rather than in the first request: about 1.7 s on a
         host's first use, 0.2 s in a later process (bench/results/vae_speed_cold-h200.json, vae_speed-h200.json)."""
         dtype, device = self.conv1.weight.dtype, self.conv1.weight.device
         self.decode(self.encode(torch.zeros(1, 3, 5, 32, 32, dtype=dtype, device=device)).to(dtype))
