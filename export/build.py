@@ -211,24 +211,18 @@ def build_aux(cfg, ckpt, out, shapes, g, compute, backend, common, old, log) -> 
     from x2v.export.load import load_part
 
     entries = {}
-    files = {
-        "text": cfg.files.t5,
-        "image": cfg.files.clip,
-        "vae_encode": cfg.files.vae,
-        "vae_decode": cfg.files.vae,
-    }
+    model_of = {"text": "t5", "image": "clip", "vae_encode": "vae", "vae_decode": "vae"}  # cfg.files' names
     jobs = [("text", None)] + ([("image", None)] if cfg.dit.i2v else [])
     jobs += [(p, s) for s in shapes for p in ("vae_encode", "vae_decode")]
     ext = {"onnx": "onnx", "tensorrt": "plan"}[backend]
     models = {}
     for part, shape in jobs:
-        wfile = Path(ckpt) / files[part]
+        name = model_of[part]
+        wfile = Path(ckpt) / getattr(cfg.files, name)
         stat = wfile.stat()
-        name = {"text": "t5", "image": "clip", "vae_encode": "vae", "vae_decode": "vae"}[part]
-        key_data = {**common, "weights": [wfile.name, stat.st_size, stat.st_mtime_ns]}
-        key, file, digest = job(
-            part, shape, ext, {**key_data, "part_source": source_hash(PART_SOURCES[name])}
-        )
+        key_data = {**common, "weights": [wfile.name, stat.st_size, stat.st_mtime_ns],
+                    "part_source": source_hash(PART_SOURCES[name])}  # fmt: skip
+        key, file, digest = job(part, shape, ext, key_data)
         if prev := reuse(old, key, digest, out / file, log):
             entries[key] = prev
             continue
