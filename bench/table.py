@@ -56,7 +56,7 @@ def published_plan(n: int, computed: int):
     return TeaCachePlan(tuple(i in keep for i in range(n)), 0.2, "published")
 
 
-def load_row(row: str, cfg, ckpt: Path, engines: Path | None, device: str):
+def load_row(row: str, cfg, ckpt: Path, engines: Path | None, device: str, vae_tile: int | None = None):
     from x2v.export.load import load_dit, load_part
     from x2v.runtime.pipeline import Pipeline
     from x2v.runtime.tokenizer import Tokenizer
@@ -70,11 +70,14 @@ def load_row(row: str, cfg, ckpt: Path, engines: Path | None, device: str):
 
         # Where the engine load goes, kept with the row (it found 40 s of aoti_load_package's CPU-ISA probe).
         prof = cProfile.Profile()
-        pipe = prof.runcall(Pipeline.from_engines, engines, ckpt)
+        pipe = prof.runcall(Pipeline.from_engines, engines, ckpt, warm_up=False)
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(25)
         pipe.load_profile = text.getvalue().splitlines()[-40:]
-        return pipe
+        # the published fp8 rows decode in tiles; distill whole frames (1.7 s, 5.3 GB; tiles 3.6 s:
+        # results/vae_memory-h200.json)
+        pipe.decode_tile = vae_tile if row.startswith("fp8") and hasattr(pipe.vae, "decode_tiled") else None
+        return warmed(pipe, contextlib.nullcontext())
     cuda = device == "cuda"
     t0 = time.perf_counter()
     half = torch.bfloat16 if cuda else torch.float32
@@ -92,6 +95,22 @@ def load_row(row: str, cfg, ckpt: Path, engines: Path | None, device: str):
     pipe = Pipeline(cfg, parts, device, time.perf_counter() - t0)
     if row == "baseline":
         pipe.dtype = torch.float32  # the official pipeline hands fp32 tensors to autocast
+    return warmed(pipe, row_autocast(row, device))
+
+
+def row_autocast(row: str, device: str):
+    """The official pipeline runs its DiT and CLIP under bf16 autocast; the baseline row does too."""
+    cuda = row == "baseline" and device == "cuda"
+    return torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
+
+
+def warmed(pipe, context):
+    """Every row warms up at load on a GPU, as the runtime's loaders do (Pipeline.warm_up, with the decode path
+    the row takes), so first-request costs sit in the load column of every row alike."""
+    if pipe.device.type == "cuda":
+        with context:
+            pipe.load_phases["warm_up_s"] = pipe.warm_up()
+        pipe.load_s += pipe.load_phases["warm_up_s"]
     return pipe
 
 
@@ -165,7 +184,8 @@ def run_row(args) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = load_model_config(args.model)
-    pipe = load_row(args.row, cfg, Path(args.ckpt), Path(args.engines) if args.engines else None, device)
+    pipe = load_row(args.row, cfg, Path(args.ckpt), Path(args.engines) if args.engines else None, device,
+                    args.vae_tile)  # fmt: skip
     if args.row == "distill":
         from dataclasses import replace
 
@@ -175,19 +195,11 @@ def run_row(args) -> dict:
     steps = args.steps if args.row != "distill" else None
     full = s.num_steps
     kw = {"steps": steps, "seed": SEED}
-    if args.row.startswith("fp8"):  # the published fp8 rows decode in tiles
-        kw["decode_tile"] = args.vae_tile if hasattr(pipe.vae, "decode_tiled") else None
-    if args.row == "distill":  # whole frames: 1.7 s, 5.3 GB; tiles 3.6 s (results/vae_memory-h200.json)
-        kw["decode_tile"] = 0
     if args.row == "fp8-teacache":
         kw["teacache"] = 0.2
     if args.row == "fp8-teacache-published":
         kw["skip_plan"] = published_plan(steps or full, round(22 * (steps or full) / 40))
-    autocast = (
-        torch.autocast("cuda", torch.bfloat16)
-        if args.row == "baseline" and device == "cuda"
-        else contextlib.nullcontext()
-    )
+    autocast = row_autocast(args.row, device)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

@@ -305,6 +305,20 @@ class EngineDiT:
         (out,) = self._run("post", self.profile, [x, e], self.weights["post"])
         return out
 
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Call every engine once on zeros of its built shapes (a block engine with block 0's weights), so
+        that loading its kernels and cuBLAS's first-call work happen at load, not in a request's first step."""
+        weights = {"time": self.weights["time"], "pre": self.weights["pre"], "post": self.weights["post"],
+                   "block": next(iter(self.weights["blocks"]))}  # fmt: skip
+        for key, e in self.m["engines"].items():
+            name, _, profile = key.partition("@")
+            if name in weights:
+                inputs = [
+                    torch.zeros(shape, dtype=DTYPES[dt], device=self.device) for _, dt, shape in e["inputs"]
+                ]
+                self._run(name, profile or None, inputs, weights[name])
+
 
 def checked(directory: Path, ckpt: Path | None = None, verify_engines: bool = True) -> tuple[dict, Path]:
     """(manifest, checkpoint directory) of an engine directory that check() accepts; nothing but headers and

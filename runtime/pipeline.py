@@ -145,14 +145,16 @@ class Pipeline:
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.decode_tile = None  # default spatial VAE tile (engine directories: their GPU config's)
         self.decode_chunk = 1  # latent frames per VAE decode pass
+        self.decode_by_frame = True  # tiled decode: all tiles a chunk at a time (frames stream to the MP4)
         self.load_phases = {}  # seconds per load phase, where the loader records them
 
     @classmethod
     def load(cls, ckpt: Path, model: str | ModelConfig = "tiny", device: str = "cpu", dtype=None, attn: str = "sdpa",
-             sensitive_fp32: bool = False, dit_file: str | None = None) -> Pipeline:  # fmt: skip
+             sensitive_fp32: bool = False, dit_file: str | None = None, warm_up: bool | None = None) -> Pipeline:  # fmt: skip
         """Torch backend: the export-side models loaded from a checkpoint directory.
 
         dit_file: another DiT file in (or path outside) `ckpt`, e.g. the FP8 checkpoint of `x2v-export quantize`.
+        warm_up: run warm_up() before returning (counted in the load time); default: on GPUs.
         """
         from x2v.export.load import load_dit, load_part
         from x2v.runtime.tokenizer import Tokenizer
@@ -170,13 +172,20 @@ class Pipeline:
             parts["clip"] = load_part("clip", ckpt, cfg, dtype=dtype, device=device)
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
-        return cls(cfg, parts, device, time.perf_counter() - t0)
+        pipe = cls(cfg, parts, device)
+        if torch.device(device).type == "cuda" if warm_up is None else warm_up:
+            pipe.load_phases["warm_up_s"] = pipe.warm_up()
+        pipe.load_s = time.perf_counter() - t0
+        return pipe
 
     @classmethod
-    def from_engines(cls, engines: Path, ckpt: Path | None = None, device: str | None = None) -> Pipeline:
+    def from_engines(cls, engines: Path, ckpt: Path | None = None, device: str | None = None,
+                     warm_up: bool | None = None) -> Pipeline:  # fmt: skip
         """Engine backend: the DiT from an engine directory (checked against its manifest), weights bound from
         the checkpoint's safetensors; umT5, CLIP and the VAE from their engines where the backend builds them
-        (ONNX, TensorRT), else as torch modules (AOTInductor builds; said in the log)."""
+        (ONNX, TensorRT), else as torch modules (AOTInductor builds; said in the log).
+        warm_up: run warm_up() for the built profiles before returning (counted in the load time); default: on
+        GPUs."""
         from concurrent.futures import ThreadPoolExecutor
 
         from x2v.export.load import load_part
@@ -230,13 +239,49 @@ class Pipeline:
             **aux,
             **loaded,
         }
-        pipe = cls(cfg, parts, str(device), time.perf_counter() - t0, manifest=m)
+        pipe = cls(cfg, parts, str(device), manifest=m)
         pipe.load_phases = phases
-        log.info("loaded in %.1f s (%s)", pipe.load_s, ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
-        pipe.decode_chunk = gpu.vae_chunk
+        pipe.decode_chunk, pipe.decode_by_frame = gpu.vae_chunk, gpu.vae_tile_by_frame
         if hasattr(pipe.vae, "decode_tiled"):  # a torch VAE: tile as the GPU config says
             pipe.decode_tile = gpu.vae_tile
+        if device.type == "cuda" if warm_up is None else warm_up:
+            phases["warm_up_s"] = pipe.warm_up()
+        pipe.load_s = time.perf_counter() - t0
+        log.info("loaded in %.1f s (%s)", pipe.load_s, ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
         return pipe
+
+    @torch.no_grad()
+    def warm_up(self, sizes: list[tuple[int, int]] | None = None) -> float:
+        """Run every model once at the shapes of requests for videos of these (height, width) sizes, so the
+        first request does not pay for what the GPU does once per process and shape: loading kernels,
+        cuBLAS's and cuDNN's per-shape plans, the Triton kernels' variants. Cheap: umT5 and CLIP at their
+        fixed input shapes, the VAE on 5 frames (2 latents) through the decode path generate takes, each DiT
+        engine once. Outputs are dropped and nothing is cached, so results do not change. sizes: the engines'
+        built profiles, else the model's sample size. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        if sizes is None:
+            profiles = self.manifest["profiles"] if self.manifest else []
+            sizes = sorted({tuple(int(n) for n in p.split("x")[1:]) for p in profiles}) or [
+                (self.cfg.sample.height, self.cfg.sample.width)
+            ]
+        ids, mask = self.tokenizer(["warm-up", "warm-up"])  # padded to text_len, as every request
+        self.t5(ids.to(self.device), mask.to(self.device))
+        self._release_cache()
+        torch_vae = hasattr(self.vae, "decode_tiled")  # VAE engines take their profiles' shapes only
+        for h, w in sizes:
+            if self.cfg.dit.i2v:
+                self.clip(torch.zeros(1, 3, h, w, dtype=self.dtype, device=self.device))
+            if torch_vae:
+                z = self.vae.encode(torch.zeros(1, 3, 5, h, w, dtype=self.dtype, device=self.device))
+                if self.decode_tile:
+                    self.vae.decode_tiled(z.to(self.dtype), self.decode_tile, max(self.decode_tile // 4, 1),
+                                          self.decode_chunk, by_frame=self.decode_by_frame)  # fmt: skip
+                else:
+                    self.vae.decode(z.to(self.dtype), chunk=self.decode_chunk)
+        if hasattr(self.dit, "warm_up"):
+            self.dit.warm_up()
+        self._release_cache()
+        return self._lap(t0)
 
     @torch.no_grad()
     def encode(
@@ -283,8 +328,8 @@ class Pipeline:
                  decode_tile: int | None = None, progress=None, skip_plan=None, out: str | Path | None = None) -> Result:  # fmt: skip
         """skip_plan: an explicit TeaCachePlan (e.g. a published schedule) instead of computing one.
         decode_tile: decode the video in spatial tiles of this many latents (a quarter overlapping).
-        out: also write the MP4 there, encoding each decoded chunk while the next one decodes (whole-frame
-        decode; tiled and engine VAEs hand over the video at the end); complete when generate returns."""
+        out: also write the MP4 there, encoding each decoded chunk while the next one decodes (engine VAEs, and
+        tiled decodes with decode_by_frame off, hand over the video at the end); complete when generate returns."""
         s = self.cfg.sample
         frames, height, width = frames or s.frames, height or s.height, width or s.width
         guide_scale = s.guide_scale if guide_scale is None else guide_scale
@@ -360,13 +405,8 @@ class Pipeline:
                     writer.write(parts[-1])
 
             if decode_tile:
-                self.vae.decode_tiled(
-                    latents.to(self.dtype),
-                    decode_tile,
-                    max(decode_tile // 4, 1),
-                    decode_chunk,
-                    on_frames=emit,
-                )
+                self.vae.decode_tiled(latents.to(self.dtype), decode_tile, max(decode_tile // 4, 1), decode_chunk,
+                                      on_frames=emit, by_frame=self.decode_by_frame)  # fmt: skip
             else:
                 self.vae.decode(latents.to(self.dtype), chunk=decode_chunk, on_frames=emit)
             frames_u8 = np.concatenate(parts)

@@ -56,9 +56,24 @@ def test_aoti_engines_run_the_loop_like_the_torch_backend(tiny_ckpt, tiny_cfg, t
     build("tiny", tiny_ckpt, "cpu", tmp_path / "aoti", backend="aoti", dit_only=True, log=lambda s: None)
     ref = Pipeline.load(tiny_ckpt, tiny_cfg).generate(IMAGE, PROMPT, seed=3, batch_cfg=False)
     pipe = Pipeline.from_engines(tmp_path / "aoti")
-    assert set(pipe.load_phases) == {"check_s", "dit_weights_s", "engines_s", "encoders_vae_s"}
+    assert set(pipe.load_phases) == {
+        "check_s",
+        "dit_weights_s",
+        "engines_s",
+        "encoders_vae_s",
+    }  # no warm-up on CPUs
     out = pipe.generate(IMAGE, PROMPT, seed=3)
     assert (out.latents - ref.latents).norm() / ref.latents.norm() < 1e-4
+
+    # What GPUs do at load: every DiT engine runs once at its built shapes; the next request is unchanged
+    warm = Pipeline.from_engines(tmp_path / "aoti", warm_up=True)
+    assert warm.load_phases["warm_up_s"] > 0
+    called, engines = [], warm.dit.engines
+    for key, run in list(engines.items()):
+        engines[key] = lambda *args, key=key, run=run: called.append(key) or run(*args)
+    warm.warm_up()
+    assert sorted(called) == sorted(engines)  # time, pre, block and post at the one built profile
+    assert torch.equal(warm.generate(IMAGE, PROMPT, seed=3).latents, out.latents)
 
 
 def test_streamed_block_weights_give_the_same_video(engines):

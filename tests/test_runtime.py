@@ -162,6 +162,23 @@ def test_generate_streams_the_mp4_while_decoding(pipe, tmp_path):
     )
 
 
+def test_warm_up_takes_the_decode_path_of_requests_and_changes_no_result(tiny_ckpt, monkeypatch):
+    """Pipeline.warm_up (at load on GPUs) runs each model at a request's shapes, here through the tiled
+    decode a request takes; nothing it runs is kept, so requests give the same video after it."""
+    pipe = Pipeline.load(tiny_ckpt, "tiny")
+    pipe.decode_tile = 4  # 48 x 64 px is 6 x 8 latents: 2 x 3 tiles
+    ref = pipe.generate(image=EXAMPLE, prompt="a cat walks on the beach", seed=7, steps=3)
+    tiled = []
+    decode_tiled = pipe.vae.decode_tiled
+    monkeypatch.setattr(
+        pipe.vae, "decode_tiled", lambda z, *a, **kw: tiled.append(z.shape) or decode_tiled(z, *a, **kw)
+    )
+    assert pipe.warm_up([(48, 64)]) > 0
+    assert tiled == [(1, 16, 2, 6, 8)]  # 5 frames of the request's size
+    out = pipe.generate(image=EXAMPLE, prompt="a cat walks on the beach", seed=7, steps=3)
+    assert torch.equal(out.latents, ref.latents) and np.array_equal(out.frames, ref.frames)
+
+
 def test_mp4_writer_refuses_frames_that_would_be_rescaled(tmp_path):
     frames = np.zeros((2, 48, 64, 3), np.uint8)
     with pytest.raises(ValueError, match="frames of 32x32 after frames of 48x64"):
