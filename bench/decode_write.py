@@ -1,19 +1,20 @@
 """VAE decode + MP4 write: one after the other against streamed (each decoded chunk encoded at once), side by
-side, for whole-frame and tiled decodes.
+side, for whole-frame and tiled decodes and latent frames per decoder pass (chunk).
 
     python bench/decode_write.py [--out DIR]     (writes decode_write-<card>.json)
 
-The full-size Wan2.1 VAE (random weights, bf16) decodes 21 latent frames of 544 x 720 (81 frames), one latent
-frame a chunk. Settings, rounds alternating them:
-  - after: whole frames, then `write_mp4` (what `Pipeline.generate` did until the MP4 moved into it);
-  - streamed: whole frames, every chunk handed to an `Mp4Writer` whose thread encodes it while the next chunk
-    decodes (the distill row);
-  - tiled_after: 32-latent tiles, each through all frames (`decode_tiled(by_frame=False)`), then the write: the
-    fp8 rows until this commit;
-  - tiled_streamed: 32-latent tiles, all tiles a latent frame at a time (`by_frame=True`), streamed.
+The full-size Wan2.1 VAE (random weights, bf16, channels-last as loaded on GPUs) decodes 21 latent frames of
+544 x 720 (81 frames). Settings, rounds alternating them:
+  - after: whole frames a latent frame a chunk, then `write_mp4`;
+  - streamed: the same, every chunk handed to an `Mp4Writer` whose thread encodes it while the next chunk
+    decodes (the distill row); streamed_chunk2/3: 2 or 3 latent frames a decoder pass;
+  - tiled_after: 32-latent tiles, each through all frames, then the write (the fp8 rows); tiled_after_chunk3:
+    3 latent frames a pass within each tile.
 Each records decode and write seconds and the peak GPU memory allocated during the call above what was
-allocated before it. Whole-frame settings must write the same frames as each other, tiled ones likewise;
-random weights decode to noise, x264's worst case.
+allocated before it, and the largest difference of its frames from the chunk-1 frames of its kind (whole or
+tiled). Random weights decode to noise, x264's worst case. A tiled decode by frame (every tile a latent frame
+at a time, so frames could stream to the MP4) was measured at commit 1e3985e and dropped:
+`decode_write_by_frame-h200.json`.
 """
 
 from __future__ import annotations
@@ -66,11 +67,16 @@ def main():
     cfg = load_model_config("i2v-14b-480p")
     vae = random_part("vae", cfg).to_channels_last()  # as load_part leaves it on GPUs
     z = torch.randn(1, cfg.vae.z_dim, 21, 68, 90, device="cuda", dtype=torch.bfloat16)
-    whole = lambda on_frames: vae.decode(z, chunk=1, on_frames=on_frames)
-    by_tile = lambda on_frames: vae.decode_tiled(z, 32, 8, on_frames=on_frames, by_frame=False)
-    by_frame = lambda on_frames: vae.decode_tiled(z, 32, 8, on_frames=on_frames, by_frame=True)
-    settings = {"after": (whole, False), "streamed": (whole, True), "tiled_after": (by_tile, False),
-                "tiled_streamed": (by_frame, True)}  # fmt: skip
+
+    def whole(chunk):
+        return lambda on_frames: vae.decode(z, chunk=chunk, on_frames=on_frames)
+
+    def tiled(chunk):
+        return lambda on_frames: vae.decode_tiled(z, 32, 8, chunk, on_frames=on_frames)
+
+    settings = {"after": (whole(1), False), "streamed": (whole(1), True), "streamed_chunk2": (whole(2), True),
+                "streamed_chunk3": (whole(3), True), "tiled_after": (tiled(1), False),
+                "tiled_after_chunk3": (tiled(3), False)}  # fmt: skip
     runs = {name: [] for name in settings}
     ref = {}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():

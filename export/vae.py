@@ -365,67 +365,35 @@ class WanVAE(nn.Module):
         mean, std = self._stats(mu)
         return (mu - mean) / std
 
-    def decode_tiled(self, z: torch.Tensor, tile: int = 32, overlap: int = 8, chunk: int | None = 1, on_frames=None,
-                     by_frame: bool = True) -> torch.Tensor:  # fmt: skip
+    def decode_tiled(
+        self, z: torch.Tensor, tile: int = 32, overlap: int = 8, chunk: int | None = 1, on_frames=None
+    ) -> torch.Tensor:
         """decode() in spatial tiles of `tile` x `tile` latents overlapping by `overlap`, blended linearly:
         activation memory of one tile instead of the whole frame. Equal to decode() when one tile covers it.
-
-        by_frame: every tile decodes a chunk of latent frames before any tile decodes the next, each keeping its
-        own causal cache, so on_frames gets each chunk's frames as they are decoded, as decode() does (the MP4
-        encoder then works while the VAE does; the caches of all tiles are alive at once, about the tiles'
-        area over the frame's, 1.6x at 544 x 720, times the whole-frame decode's). False: each tile runs
-        through all frames before the next starts, one tile's cache alive at a time (least memory), and
-        on_frames gets the video at the end."""
-        _, _, frames, h, w = z.shape
+        on_frames gets the whole video at the end (tiles are decoded one after the other through all frames,
+        so that one tile's causal cache is alive at a time)."""
+        _, _, _, h, w = z.shape
         if h <= tile and w <= tile:
             return self.decode(z, chunk, on_frames)
         if not 0 < overlap < tile:
             raise ValueError(f"tile overlap must be in (0, {tile}), got {overlap}")
-        regions = [
-            (y0, y1, x0, x1) for y0, y1 in _tiles(h, tile, overlap) for x0, x1 in _tiles(w, tile, overlap)
-        ]
-        ramp, blend = 8 * overlap, []
-        total = torch.zeros(8 * h, 8 * w, device=z.device)
-        for y0, y1, x0, x1 in regions:
-            wy = _ramp(8 * (y1 - y0), ramp if y0 > 0 else 0, ramp if y1 < h else 0, z.device)
-            wx = _ramp(8 * (x1 - x0), ramp if x0 > 0 else 0, ramp if x1 < w else 0, z.device)
-            blend.append(wy[:, None] * wx[None, :])
-            total[8 * y0 : 8 * y1, 8 * x0 : 8 * x1] += blend[-1]
-        # each tile's weights divided by the sum over the tiles that cover a pixel: the blend sums to 1
-        blend = [b / total[8 * y0 : 8 * y1, 8 * x0 : 8 * x1] for b, (y0, y1, x0, x1) in zip(blend, regions)]
-
-        def paste(out, part, i):
-            y0, y1, x0, x1 = regions[i]
-            if out is None:
-                out = part.new_zeros(*part.shape[:3], 8 * h, 8 * w)
-            out[..., 8 * y0 : 8 * y1, 8 * x0 : 8 * x1] += part * blend[i]
-            return out
-
-        if not by_frame:
-            out = None
-            for i, (y0, y1, x0, x1) in enumerate(regions):
-                out = paste(out, self.decode(z[:, :, :, y0:y1, x0:x1], chunk), i)
-            if on_frames is not None:
-                on_frames(out)
-            return out
-        x = self._decoder_input(z)
-        caches = [None if chunk is None else {} for _ in regions]
-        step = frames if chunk is None else chunk
-        parts = []
-        for t in range(0, frames, step):
-            out = None
-            for i, (y0, y1, x0, x1) in enumerate(regions):
-                part = self.decoder(x[:, :, t : t + step, y0:y1, x0:x1], caches[i]).float().clamp_(-1, 1)
-                out = paste(out, part, i)
-            parts.append(out)
-            if on_frames is not None:
-                on_frames(out)
-        return torch.cat(parts, dim=2)
-
-    def _decoder_input(self, z: torch.Tensor) -> torch.Tensor:
-        """Normalized latents -> the decoder's input (a pointwise convolution: tiles may slice it)."""
-        mean, std = self._stats(z)
-        return self.conv2((z.float() * std + mean).to(self.conv2.weight.dtype))
+        out = weight = None
+        for y0, y1 in _tiles(h, tile, overlap):
+            for x0, x1 in _tiles(w, tile, overlap):
+                part = self.decode(z[:, :, :, y0:y1, x0:x1], chunk)
+                ramp = 8 * overlap
+                wy = _ramp(8 * (y1 - y0), ramp if y0 > 0 else 0, ramp if y1 < h else 0, part.device)
+                wx = _ramp(8 * (x1 - x0), ramp if x0 > 0 else 0, ramp if x1 < w else 0, part.device)
+                wgt = wy[:, None] * wx[None, :]
+                if out is None:
+                    out = part.new_zeros(*part.shape[:3], 8 * h, 8 * w)
+                    weight = part.new_zeros(8 * h, 8 * w)
+                out[..., 8 * y0 : 8 * y1, 8 * x0 : 8 * x1] += part * wgt
+                weight[8 * y0 : 8 * y1, 8 * x0 : 8 * x1] += wgt
+        out = out / weight
+        if on_frames is not None:
+            on_frames(out)
+        return out
 
     def decode(self, z: torch.Tensor, chunk: int | None = 1, on_frames=None) -> torch.Tensor:
         """normalized latent [B, z, T, h, w] -> video [B, 3, 4(T-1)+1, 8h, 8w] in [-1, 1].
@@ -434,7 +402,8 @@ class WanVAE(nn.Module):
         on_frames: called with each chunk's frames as soon as they are decoded (the MP4 writer encodes them
         while the next chunk decodes).
         """
-        x = self._decoder_input(z)
+        mean, std = self._stats(z)
+        x = self.conv2((z.float() * std + mean).to(self.conv2.weight.dtype))
         cache = None if chunk is None else {}
         step = x.shape[2] if chunk is None else chunk
         parts = []

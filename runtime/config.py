@@ -256,9 +256,6 @@ class GPUConfig:
     autotune: bool = False
     vae_chunk: int = 1
     vae_tile: int | None = None  # spatial VAE decode tile in latents (None: whole frames)
-    # tiled decode: all tiles a latent frame at a time, frames streamed to the MP4 as decoded (every tile's
-    # causal cache alive at once); false: one tile through all frames at a time (least memory)
-    vae_tile_by_frame: bool = True
     encoders: str = "resident"  # umT5/CLIP weights: resident on the GPU, stream (host, a block at a time), host (run on CPU)
     # DiT block weights: resident on the GPU, or stream (pinned host memory, two blocks on the GPU at a time)
     dit_weights: str = "resident"
@@ -298,7 +295,7 @@ def load_gpu_config(name: str) -> GPUConfig:
         raise ConfigError(f"{path}: encoders must be resident, stream or host, found {cfg.encoders!r}")
     if cfg.dit_weights not in ("resident", "stream"):
         raise ConfigError(f"{path}: dit_weights must be resident or stream, found {cfg.dit_weights!r}")
-    for flag in ("expandable_segments", "fp8_fast_accum", "vae_tile_by_frame"):
+    for flag in ("expandable_segments", "fp8_fast_accum"):
         if not isinstance(getattr(cfg, flag), bool):
             raise ConfigError(f"{path}: {flag} must be true or false, found {getattr(cfg, flag)!r}")
     tile = cfg.sage_tile

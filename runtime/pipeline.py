@@ -145,7 +145,6 @@ class Pipeline:
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.decode_tile = None  # default spatial VAE tile (engine directories: their GPU config's)
         self.decode_chunk = 1  # latent frames per VAE decode pass
-        self.decode_by_frame = True  # tiled decode: all tiles a chunk at a time (frames stream to the MP4)
         self.load_phases = {}  # seconds per load phase, where the loader records them
 
     @classmethod
@@ -241,7 +240,7 @@ class Pipeline:
         }
         pipe = cls(cfg, parts, str(device), manifest=m)
         pipe.load_phases = phases
-        pipe.decode_chunk, pipe.decode_by_frame = gpu.vae_chunk, gpu.vae_tile_by_frame
+        pipe.decode_chunk = gpu.vae_chunk
         if hasattr(pipe.vae, "decode_tiled"):  # a torch VAE: tile as the GPU config says
             pipe.decode_tile = gpu.vae_tile
         if device.type == "cuda" if warm_up is None else warm_up:
@@ -275,7 +274,7 @@ class Pipeline:
                 z = self.vae.encode(torch.zeros(1, 3, 5, h, w, dtype=self.dtype, device=self.device))
                 if self.decode_tile:
                     self.vae.decode_tiled(z.to(self.dtype), self.decode_tile, max(self.decode_tile // 4, 1),
-                                          self.decode_chunk, by_frame=self.decode_by_frame)  # fmt: skip
+                                          self.decode_chunk)  # fmt: skip
                 else:
                     self.vae.decode(z.to(self.dtype), chunk=self.decode_chunk)
         if hasattr(self.dit, "warm_up"):
@@ -328,8 +327,8 @@ class Pipeline:
                  decode_tile: int | None = None, progress=None, skip_plan=None, out: str | Path | None = None) -> Result:  # fmt: skip
         """skip_plan: an explicit TeaCachePlan (e.g. a published schedule) instead of computing one.
         decode_tile: decode the video in spatial tiles of this many latents (a quarter overlapping).
-        out: also write the MP4 there, encoding each decoded chunk while the next one decodes (engine VAEs, and
-        tiled decodes with decode_by_frame off, hand over the video at the end); complete when generate returns."""
+        out: also write the MP4 there, encoding each decoded chunk while the next one decodes (whole-frame
+        decode; tiled and engine VAEs hand over the video at the end); complete when generate returns."""
         s = self.cfg.sample
         frames, height, width = frames or s.frames, height or s.height, width or s.width
         guide_scale = s.guide_scale if guide_scale is None else guide_scale
@@ -406,7 +405,7 @@ class Pipeline:
 
             if decode_tile:
                 self.vae.decode_tiled(latents.to(self.dtype), decode_tile, max(decode_tile // 4, 1), decode_chunk,
-                                      on_frames=emit, by_frame=self.decode_by_frame)  # fmt: skip
+                                      on_frames=emit)  # fmt: skip
             else:
                 self.vae.decode(latents.to(self.dtype), chunk=decode_chunk, on_frames=emit)
             frames_u8 = np.concatenate(parts)
