@@ -254,8 +254,8 @@ class Pipeline:
         """Run every model once at the shapes of requests for videos of these (height, width) sizes, so the
         first request does not pay for what the GPU does once per process and shape: loading kernels,
         cuBLAS's and cuDNN's per-shape plans, the Triton kernels' variants. Cheap: umT5 and CLIP at their
-        fixed input shapes, the VAE on 5 frames (2 latents) through the decode path generate takes, each DiT
-        engine once. Outputs are dropped and nothing is cached, so results do not change. sizes: the engines'
+        fixed input shapes, the VAE's encode on 5 frames and its decode on two chunks of latent frames through the
+        decode path generate takes, each DiT engine once. Outputs are dropped and nothing is cached, so results do not change. sizes: the engines'
         built profiles, else the model's sample size. Returns the seconds it took."""
         t0 = time.perf_counter()
         if sizes is None:
@@ -270,13 +270,16 @@ class Pipeline:
         for h, w in sizes:
             if self.cfg.dit.i2v:
                 self.clip(torch.zeros(1, 3, h, w, dtype=self.dtype, device=self.device))
-            if torch_vae:
-                z = self.vae.encode(torch.zeros(1, 3, 5, h, w, dtype=self.dtype, device=self.device))
+            if torch_vae:  # encode: chunks of 1 and 4 frames; decode: a first chunk and a later one
+                self.vae.encode(torch.zeros(1, 3, 5, h, w, dtype=self.dtype, device=self.device))
+                z = torch.zeros(1, self.cfg.vae.z_dim, 2 * (self.decode_chunk or 1), h // 8, w // 8,
+                                dtype=self.dtype, device=self.device)  # fmt: skip
                 if self.decode_tile:
-                    self.vae.decode_tiled(z.to(self.dtype), self.decode_tile, max(self.decode_tile // 4, 1),
-                                          self.decode_chunk)  # fmt: skip
+                    self.vae.decode_tiled(
+                        z, self.decode_tile, max(self.decode_tile // 4, 1), self.decode_chunk
+                    )
                 else:
-                    self.vae.decode(z.to(self.dtype), chunk=self.decode_chunk)
+                    self.vae.decode(z, chunk=self.decode_chunk)
         if hasattr(self.dit, "warm_up"):
             self.dit.warm_up()
         self._release_cache()
