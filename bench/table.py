@@ -19,9 +19,10 @@ Each row records load time, end-to-end time (encoders, all steps, VAE decode, MP
 a one-step breakdown (pre, blocks, post) and, against the baseline row's saved outputs, the relative L2 of
 the final latents and the PSNR of the decoded video. `--steps N` runs fewer sampling steps than the model's
 (to fit a device budget); the row then also reports the end-to-end time projected to the full schedule:
-the measured run plus the missing steps at the median time of steps 2..n (step 1 carries warm-up such as
-Triton autotuning, which a full run pays once too), computed and skipped steps each at their own median
-(`projected_s`). The TeaCache row with random weights is not projected: how many steps a longer schedule
+the measured run plus the missing steps at the median time of steps 2..n (step 1 may carry first-call costs
+the load's warm-up did not cover, which a full run pays once too), computed and skipped steps each at their own
+median (`projected_s`). Every row warms up at load on GPUs (`Pipeline.warm_up`, with the decode path the row
+takes), counted in its load time. The TeaCache row with random weights is not projected: how many steps a longer schedule
 skips depends on the trajectory.
 """
 

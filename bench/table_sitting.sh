@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The speed table in one sitting on one GPU host: bash bench/table_sitting.sh PART  (PART = 1 to 5)
 # Each part fits one 10-minute device call; run them back to back (files under /tmp live while the host is
-# warm). Measured on an H200 with STEPS=10: checkpoint + parts 1+2 6.9 min, part 3 6.4 min, parts 4+5 3.0 min (commit 1a82ae3);
+# warm). Measured on an H200 with STEPS=10: checkpoint + parts 1+2 6.6 min, part 3 5.9 min, parts 4+5 2.7 min (commit dd2454c);
 # STEPS=40 (the full schedule) needs about 30 min in all. With fewer steps rows project the full run from
 # their steady step times. Rows write under $OUT/table/<card>/; render where all of them are gathered.
 # Wheels: every .whl*/*.whl is installed: .whl/ (nvidia-modelopt and its dependencies, part 3) and .whl-av/
 # (PyAV, for the MP4s of parts 1, 2, 4, 5); together they exceed one call's 64 MiB, so carry each where needed.
+# ModelOpt imports huggingface_hub: take huggingface_hub<1 (2.x imports httpx2, which the image lacks).
 # LD_PRELOAD is set for AOTInductor on the torch 2.11+cu130 image.
 set -euo pipefail
 STEPS=${STEPS:-40}
