@@ -252,34 +252,38 @@ class Pipeline:
     @torch.no_grad()
     def warm_up(self, sizes: list[tuple[int, int]] | None = None) -> float:
         """Run every model once at the shapes of requests for videos of these (height, width) sizes, so the
-        first request does not pay for what the GPU does once per process and shape: loading kernels,
-        cuBLAS's and cuDNN's per-shape plans, the Triton kernels' variants. Cheap: umT5 and CLIP at their
-        fixed input shapes, the VAE's encode on 5 frames and its decode on two chunks of latent frames through the
-        decode path generate takes, each DiT engine once. Outputs are dropped and nothing is cached, so results do not change. sizes: the engines'
-        built profiles, else the model's sample size. Returns the seconds it took."""
+        first request does not pay for what the GPU does once per process and shape: loading kernels, cuBLAS's
+        and cuDNN's per-shape plans, the Triton kernels' variants. Cheap: umT5 and CLIP at their one input
+        shape each, the VAE's encode (I2V) on 5 frames and its decode on two passes of latent frames through
+        the decode path generate takes, each DiT engine once. Encoders run on the host (`encoders: host`)
+        are left alone: nothing to load there, and a CPU umT5 call costs seconds. Outputs are dropped and
+        nothing is cached, so results do not change. sizes: the engines' built profiles, else the model's
+        sample size. Returns the seconds it took."""
         t0 = time.perf_counter()
         if sizes is None:
             profiles = self.manifest["profiles"] if self.manifest else []
-            sizes = sorted({tuple(int(n) for n in p.split("x")[1:]) for p in profiles}) or [
-                (self.cfg.sample.height, self.cfg.sample.width)
-            ]
-        ids, mask = self.tokenizer(["warm-up", "warm-up"])  # padded to text_len, as every request
-        self.t5(ids.to(self.device), mask.to(self.device))
-        self._release_cache()
+            sizes = sorted({tuple(int(n) for n in p.split("x")[1:]) for p in profiles})
+            sizes = sizes or [(self.cfg.sample.height, self.cfg.sample.width)]
+        if not isinstance(self.t5, OnDevice):
+            ids, mask = self.tokenizer(["warm-up", "warm-up"])  # padded to text_len, as every request
+            self.t5(ids.to(self.device), mask.to(self.device))
+            self._release_cache()
         torch_vae = hasattr(self.vae, "decode_tiled")  # VAE engines take their profiles' shapes only
+        i2v = self.cfg.dit.i2v
         for h, w in sizes:
-            if self.cfg.dit.i2v:
+            if i2v and not isinstance(self.clip, OnDevice):
                 self.clip(torch.zeros(1, 3, h, w, dtype=self.dtype, device=self.device))
-            if torch_vae:  # encode: chunks of 1 and 4 frames; decode: a first chunk and a later one
+            if not torch_vae:
+                continue
+            if i2v:  # the encode's two chunk shapes: 1 frame, then 4
                 self.vae.encode(torch.zeros(1, 3, 5, h, w, dtype=self.dtype, device=self.device))
-                z = torch.zeros(1, self.cfg.vae.z_dim, 2 * (self.decode_chunk or 1), h // 8, w // 8,
-                                dtype=self.dtype, device=self.device)  # fmt: skip
-                if self.decode_tile:
-                    self.vae.decode_tiled(
-                        z, self.decode_tile, max(self.decode_tile // 4, 1), self.decode_chunk
-                    )
-                else:
-                    self.vae.decode(z, chunk=self.decode_chunk)
+            # the decode's two pass shapes: the first pass, and a later one with the causal cache
+            n = 2 * (self.decode_chunk or 1)
+            z = torch.zeros(1, self.cfg.vae.z_dim, n, h // 8, w // 8, dtype=self.dtype, device=self.device)
+            if self.decode_tile:
+                self.vae.decode_tiled(z, self.decode_tile, max(self.decode_tile // 4, 1), self.decode_chunk)
+            else:
+                self.vae.decode(z, chunk=self.decode_chunk)
         if hasattr(self.dit, "warm_up"):
             self.dit.warm_up()
         self._release_cache()

@@ -10,6 +10,7 @@ import torch
 from x2v.export.load import load_dit
 from x2v.runtime.config import CONFIG_DIR, load_model_config, load_teacache_coefficients
 from x2v.runtime.denoise import Conditioning, denoise
+from x2v.runtime.offload import OnDevice
 from x2v.runtime.pipeline import InputError, Pipeline
 from x2v.runtime.sampler import UniPC, euler_schedule, make_sampler, unipc_schedule
 from x2v.runtime.teacache import plan as teacache_plan
@@ -177,6 +178,10 @@ def test_warm_up_takes_the_decode_path_of_requests_and_changes_no_result(tiny_ck
     assert tiled == [(1, 16, 2, 6, 8)]  # 5 frames of the request's size
     out = pipe.generate(image=EXAMPLE, prompt="a cat walks on the beach", seed=7, steps=3)
     assert torch.equal(out.latents, ref.latents) and np.array_equal(out.frames, ref.frames)
+    # encoders run on the CPU (`encoders: host`) load nothing on the GPU: the warm-up leaves them alone
+    pipe.t5, pipe.clip = OnDevice(pipe.t5, "cpu"), OnDevice(pipe.clip, "cpu")
+    monkeypatch.setattr(OnDevice, "__call__", lambda *a: pytest.fail("the warm-up ran a host encoder"))
+    pipe.warm_up([(48, 64)])
 
 
 def test_mp4_writer_refuses_frames_that_would_be_rescaled(tmp_path):
@@ -265,7 +270,6 @@ def test_cli_bad_input_is_one_line(tmp_path, args, message):
 def test_host_encoder_moves_inputs_and_outputs(tiny_ckpt, tiny_cfg):
     """`encoders: host` GPUs run umT5/CLIP where their weights are (CPU) and hand results to the DiT's device."""
     from x2v.export.load import load_part
-    from x2v.runtime.offload import OnDevice
 
     t5 = load_part("t5", tiny_ckpt, tiny_cfg)
     ids, mask = torch.randint(0, 500, (2, 64)), torch.ones(2, 64, dtype=torch.long)
