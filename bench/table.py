@@ -21,9 +21,9 @@ the final latents and the PSNR of the decoded video. `--steps N` runs fewer samp
 (to fit a device budget); the row then also reports the end-to-end time projected to the full schedule:
 the measured run plus the missing steps at the median time of steps 2..n (step 1 may carry first-call costs
 the load's warm-up did not cover, which a full run pays once too), computed and skipped steps each at their own
-median (`projected_s`). Every row warms up at load on GPUs (`Pipeline.warm_up`, with the decode path the row
-takes), counted in its load time. The TeaCache row with random weights is not projected: how many steps a longer schedule
-skips depends on the trajectory.
+median (`projected_s`). Every row warms up at load on GPUs (`Pipeline.warm_up` at the request's size, with the
+decode path the row takes), counted in its load time. The TeaCache row with random weights is not projected:
+how many steps a longer schedule skips depends on the trajectory.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ def load_row(row: str, cfg, ckpt: Path, engines: Path | None, device: str, vae_t
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(25)
         pipe.load_profile = text.getvalue().splitlines()[-40:]
-        # the published fp8 rows decode in tiles; distill whole frames (1.7 s, 5.3 GB; tiles 3.6 s:
-        # results/vae_memory-h200.json)
+        # the published fp8 rows decode in tiles; distill whole frames (1.06 s against 2.15 s in tiles, MP4
+        # included: results/decode_write-h200.json)
         pipe.decode_tile = vae_tile if row.startswith("fp8") and hasattr(pipe.vae, "decode_tiled") else None
         return warmed(pipe, contextlib.nullcontext())
     cuda = device == "cuda"
@@ -109,8 +109,12 @@ def warmed(pipe, context):
     """Every row warms up at load on a GPU, as the runtime's loaders do (Pipeline.warm_up, with the decode path
     the row takes), so first-request costs sit in the load column of every row alike."""
     if pipe.device.type == "cuda":
+        from x2v.runtime.pipeline import load_image, output_size
+
+        s = pipe.cfg.sample
+        size = output_size(pipe.cfg, load_image(IMAGE) if pipe.cfg.dit.i2v else None, s.height, s.width)
         with context:
-            pipe.load_phases["warm_up_s"] = pipe.warm_up()
+            pipe.load_phases["warm_up_s"] = pipe.warm_up([size])
         pipe.load_s += pipe.load_phases["warm_up_s"]
     return pipe
 

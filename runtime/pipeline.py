@@ -258,7 +258,8 @@ class Pipeline:
         the decode path generate takes, each DiT engine once. Encoders run on the host (`encoders: host`)
         are left alone: nothing to load there, and a CPU umT5 call costs seconds. Outputs are dropped and
         nothing is cached, so results do not change. sizes: the engines' built profiles, else the model's
-        sample size. Returns the seconds it took."""
+        sample size (an I2V video's size follows its image's aspect ratio: pass the sizes requests will have,
+        `output_size`). Returns the seconds it took."""
         t0 = time.perf_counter()
         if sizes is None:
             profiles = self.manifest["profiles"] if self.manifest else []
@@ -411,8 +412,13 @@ class Pipeline:
                     writer.write(parts[-1])
 
             if decode_tile:
-                self.vae.decode_tiled(latents.to(self.dtype), decode_tile, max(decode_tile // 4, 1), decode_chunk,
-                                      on_frames=emit)  # fmt: skip
+                self.vae.decode_tiled(
+                    latents.to(self.dtype),
+                    decode_tile,
+                    max(decode_tile // 4, 1),
+                    decode_chunk,
+                    on_frames=emit,
+                )
             else:
                 self.vae.decode(latents.to(self.dtype), chunk=decode_chunk, on_frames=emit)
             frames_u8 = np.concatenate(parts)

@@ -175,7 +175,7 @@ def test_warm_up_takes_the_decode_path_of_requests_and_changes_no_result(tiny_ck
         pipe.vae, "decode_tiled", lambda z, *a, **kw: tiled.append(z.shape) or decode_tiled(z, *a, **kw)
     )
     assert pipe.warm_up([(48, 64)]) > 0
-    assert tiled == [(1, 16, 2, 6, 8)]  # 5 frames of the request's size
+    assert tiled == [(1, 16, 2, 6, 8)]  # two decode passes of one latent frame at the request's size
     out = pipe.generate(image=EXAMPLE, prompt="a cat walks on the beach", seed=7, steps=3)
     assert torch.equal(out.latents, ref.latents) and np.array_equal(out.frames, ref.frames)
     # encoders run on the CPU (`encoders: host`) load nothing on the GPU: the warm-up leaves them alone
