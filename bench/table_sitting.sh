@@ -23,7 +23,8 @@ case "${1:?part 1-5}" in
   1) [ -f "$CKPT/Wan2.1_VAE.pth" ] || export2 make-checkpoint --model i2v-14b-480p --out "$CKPT" --device cuda
      row baseline ;;                                                   # ~60 s + 40 steps x ~7 s
   2) row sage-mixed; row sage-bf16 ;;
-  3) export2 calibrate --model i2v-14b-480p --ckpt "$CKPT" --steps 4 --steps-per-run 2 --device cuda
+  3) python3 -c "import modelopt.torch.quantization"  # fail before calibrating, not after (a missing dependency cost a call)
+     export2 calibrate --model i2v-14b-480p --ckpt "$CKPT" --steps 4 --steps-per-run 2 --device cuda
      export2 quantize --model i2v-14b-480p --ckpt "$CKPT" --device cuda
      export2 build --model i2v-14b-480p --ckpt "$CKPT" --gpu "$(python3 -c 'import torch; print("h200" if "H200" in torch.cuda.get_device_name() else "h100")')" \
        --dit dit-fp8 --out "$ENG" --no-autotune --profile "$(python3 -m bench.table --print-profile)" ;;  # as measured
