@@ -11,6 +11,8 @@ forward), the same inputs for every variant:
   fp8-sage-tile   the same with the tile pinned (no autotuning at build)
   fp8-sage-fused  pinned tile, quantization as torch ops that Inductor fuses into the norm/RoPE kernels
   *-fast          the same with the FP8 GEMMs accumulating in the tensor cores (`use_fast_accum`)
+Next to measure: `--no-op --no-streamed --variants fp8-sage-fused-fast,fp8-sage-tile-fast` (the op's own
+quantization kernels inside the block since their fp64 promotion was fixed, against the fused torch ops).
 Per variant: build seconds, block time (median of device-event timings), a profiler breakdown of one call
 by kernel kind, parity against the eager block of the same variant, and the error of what the block adds
 to its input (output minus input) against the eager bf16 block's. The SageAttention op is also
@@ -47,6 +49,8 @@ VARIANTS = {  # name: (model, attention, sage tile, traced quantization, FP8 fas
     "fp8-sage-tile": ("fp8", "sage_op", TILE, "kernels", False),
     "fp8-sage-fused": ("fp8", "sage_op", TILE, "fused", False),
     "fp8-sage-fused-fast": ("fp8", "sage_op", TILE, "fused", True),
+    # the op's own quantization kernels traced into the package: 15x slow there until f3a2811 (fp64 promotion)
+    "fp8-sage-tile-fast": ("fp8", "sage_op", TILE, "kernels", True),
 }
 
 
