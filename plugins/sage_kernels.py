@@ -53,7 +53,7 @@ def quant_int8_kernel(X, Mean, Out, Scale, L, H, n_scales, s_xb, s_xl, s_xh, s_o
     """
     x, b, h, pid_l, pid_bh, offs_l, offs_d = _load_tokens(X, L, H, s_xb, s_xl, s_xh, BLOCK, D)
     mask = offs_l[:, None] < L
-    x = x * pre_scale.to(tl.float32)  # Inductor passes Python floats as fp64: the whole tile would follow
+    x = x * tl.cast(pre_scale, tl.float32)  # Inductor passes Python floats as fp64: the tile would follow
     if SMOOTH:
         x = tl.where(mask, x - tl.load(Mean + pid_bh * D + offs_d)[None, :], 0.0)
     if PER_TOKEN:
