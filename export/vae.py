@@ -335,15 +335,6 @@ class WanVAE(nn.Module):
                 p.data = p.data.contiguous(memory_format=fmt)
         return self
 
-    @torch.no_grad()
-    def warm_up(self) -> None:
-        """Encode and decode 5 frames of 32 x 32 px, so the norm kernel's compiled variants (one per channel
-        count and dtype: its strides, multiples of the channel count, share one pattern at any frame size) are
-        compiled, or loaded from Triton's disk cache, here rather than in the first request: about 1.7 s on a
-        host's first use, 0.2 s in a later process (bench/results/vae_speed_cold-h200.json, vae_speed-h200.json)."""
-        dtype, device = self.conv1.weight.dtype, self.conv1.weight.device
-        self.decode(self.encode(torch.zeros(1, 3, 5, 32, 32, dtype=dtype, device=device)).to(dtype))
-
     def _stats(self, x):
         mean = torch.tensor(LATENT_MEAN[: self.cfg.z_dim], device=x.device).view(1, -1, 1, 1, 1)
         std = torch.tensor(LATENT_STD[: self.cfg.z_dim], device=x.device).view(1, -1, 1, 1, 1)

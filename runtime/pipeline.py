@@ -281,10 +281,7 @@ class Pipeline:
             # the decode's two pass shapes: the first pass, and a later one with the causal cache
             n = 2 * (self.decode_chunk or 1)
             z = torch.zeros(1, self.cfg.vae.z_dim, n, h // 8, w // 8, dtype=self.dtype, device=self.device)
-            if self.decode_tile:
-                self.vae.decode_tiled(z, self.decode_tile, max(self.decode_tile // 4, 1), self.decode_chunk)
-            else:
-                self.vae.decode(z, chunk=self.decode_chunk)
+            self._decode(z, self.decode_tile, self.decode_chunk)
         if hasattr(self.dit, "warm_up"):
             self.dit.warm_up()
         self._release_cache()
@@ -411,16 +408,7 @@ class Pipeline:
                 if writer is not None:
                     writer.write(parts[-1])
 
-            if decode_tile:
-                self.vae.decode_tiled(
-                    latents.to(self.dtype),
-                    decode_tile,
-                    max(decode_tile // 4, 1),
-                    decode_chunk,
-                    on_frames=emit,
-                )
-            else:
-                self.vae.decode(latents.to(self.dtype), chunk=decode_chunk, on_frames=emit)
+            self._decode(latents.to(self.dtype), decode_tile, decode_chunk, on_frames=emit)
             frames_u8 = np.concatenate(parts)
             timings["decode_s"] = self._lap(t0)
             if writer is not None:  # what encoding adds after the last frame is decoded
@@ -438,6 +426,13 @@ class Pipeline:
             return Result(
                 frames_u8, latents, timings, plan.computed if plan else n, n, plan.describe() if plan else ""
             )
+
+    def _decode(self, z: torch.Tensor, tile: int | None, chunk: int | None, on_frames=None) -> torch.Tensor:
+        """The VAE decode requests take (and warm_up rehearses): in spatial tiles a quarter overlapping, or
+        whole frames."""
+        if tile:
+            return self.vae.decode_tiled(z, tile, max(tile // 4, 1), chunk, on_frames=on_frames)
+        return self.vae.decode(z, chunk=chunk, on_frames=on_frames)
 
     def _phase_peak(self, timings: dict, phase: str) -> None:
         """GPU memory peaks of the phase that just ended (allocated, and reserved by the caching allocator),
