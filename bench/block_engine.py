@@ -11,7 +11,6 @@ forward), the same inputs for every variant:
   fp8-sage-tile   the same with the tile pinned (no autotuning at build)
   fp8-sage-fused  pinned tile, quantization as torch ops that Inductor fuses into the norm/RoPE kernels
   *-fast          the same with the FP8 GEMMs accumulating in the tensor cores (`use_fast_accum`)
-  *-polyN         1/N of the softmax's exp2s on the FMA pipe instead of MUFU (sage_kernels._exp2_split)
 Next to measure: `--no-op --no-streamed --variants fp8-sage-fused-fast,fp8-sage-tile-fast` (the op's own
 quantization kernels inside the block since their fp64 promotion was fixed, against the fused torch ops).
 Per variant: build seconds, block time (median of device-event timings), a profiler breakdown of one call
@@ -52,10 +51,6 @@ VARIANTS = {  # name: (model, attention, sage tile, traced quantization, FP8 fas
     "fp8-sage-fused-fast": ("fp8", "sage_op", TILE, "fused", True),
     # the op's own quantization kernels traced into the package: 15x slow there until f3a2811 (fp64 promotion)
     "fp8-sage-tile-fast": ("fp8", "sage_op", TILE, "kernels", True),
-    # a quarter / half of the softmax's exp2s on the FMA pipe (sage_kernels._exp2_split, bench/attention_exp2.py)
-    "fp8-sage-fused-fast-poly4": ("fp8", "sage_op", {**TILE, "EXP2_POLY": 4}, "fused", True),
-    "fp8-sage-fused-fast-poly2": ("fp8", "sage_op", {**TILE, "EXP2_POLY": 2}, "fused", True),
-    "fp8-sage-tile-fast-poly4": ("fp8", "sage_op", {**TILE, "EXP2_POLY": 4}, "kernels", True),
 }
 
 

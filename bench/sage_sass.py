@@ -27,7 +27,7 @@ ALIGNED = ("Q", "K", "V", "QS", "KS", "VS", "Out", "L_pad", "n_kblocks",
 
 
 def compile_for(arch: int, block_m: int, warps: int, stages: int, head_dim: int = 128, maxnreg: int | None = None,
-                block_n: int | None = None, poly: int = 0):  # fmt: skip
+                block_n: int | None = None):  # fmt: skip
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -35,13 +35,7 @@ def compile_for(arch: int, block_m: int, warps: int, stages: int, head_dim: int 
     from x2v.plugins import sage_kernels as K
     from x2v.plugins.sage_attention import BLOCK_N
 
-    const = {
-        "D": head_dim,
-        "BLOCK_M": block_m,
-        "BLOCK_N": block_n or BLOCK_N,
-        "KS_BLOCK": BLOCK_N,
-        "EXP2_POLY": poly,
-    }
+    const = {"D": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n or BLOCK_N, "KS_BLOCK": BLOCK_N}
     names = list(SIGNATURE)
     src = ASTSource(
         fn=K.attn_body,
@@ -86,13 +80,10 @@ def main():
     ap.add_argument("--arch", type=int, default=90, choices=(89, 90))
     ap.add_argument("--block-n", type=int, default=None, help="key block (default: K's scale block, 128)")
     ap.add_argument("--maxnreg", type=int, default=None)
-    ap.add_argument(
-        "--poly", type=int, default=0, choices=(0, 2, 4), help="1/POLY of the exp2s on the FMA pipe"
-    )
     ap.add_argument("--sass", default=None, help="also write the whole SASS here")
     args = ap.parse_args()
     k = compile_for(
-        args.arch, args.block_m, args.warps, args.stages, args.head_dim, args.maxnreg, args.block_n, args.poly
+        args.arch, args.block_m, args.warps, args.stages, args.head_dim, args.maxnreg, args.block_n
     )
     usage = cuobjdump(k.asm["cubin"], "-res-usage").strip().splitlines()[-1].strip()
     sass = cuobjdump(k.asm["cubin"], "-sass")

@@ -95,43 +95,8 @@ def key_slots(p):
     return p.reshape(BM, BN // 16, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(BM, BN)
 
 
-# 2^f on [-0.5, 0.5], degree 3 (relative error 7.5e-5; P's FP8 rounding is 2^-4)
-C0, C1, C2, C3 = (tl.constexpr(0.9999281093641539), tl.constexpr(0.6932609856052576),
-                  tl.constexpr(0.2426105422817228), tl.constexpr(0.05517132143402796))  # fmt: skip
-
-
 @triton.jit
-def _exp2_fma(x):
-    """2^x on the FMA and integer pipes instead of MUFU: x rounded to n by the 1.5 * 2^23 trick, 2^(x - n) by
-    a polynomial, n added to the exponent field. x is clamped at -125 (P there is far below FP8's range)."""
-    x = tl.maximum(x, -125.0)
-    j = x + MAGIC
-    f = x - (j - MAGIC)
-    p = ((C3 * f + C2) * f + C1) * f + C0
-    return (p.to(tl.int32, bitcast=True) + (j.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _exp2_split(x, POLY: tl.constexpr):
-    """exp2 of a score tile with 1/POLY of it (POLY 2 or 4) on the FMA pipe, the rest on MUFU: the softmax's
-    exp2 is one MUFU op per score, which the tensor cores' FP8/INT8 rate leaves the busiest unit. The split is
-    over register-local dims of the MMA accumulator (the pair bit e and the half h of each 16 columns)."""
-    BM: tl.constexpr = x.shape[0]
-    BN: tl.constexpr = x.shape[1]
-    xr = x.reshape(BM, BN // 16, 2, 4, 2)  # [m, g, h, c, e]: column 16g + 8h + 2c + e
-    if POLY == 2:
-        a, b = tl.split(xr)
-        return tl.join(tl.math.exp2(a), _exp2_fma(b)).reshape(BM, BN)
-    else:
-        xr = xr.permute(0, 1, 3, 4, 2)  # [m, g, c, e, h]
-        lo, hi = tl.split(xr)
-        hi_a, hi_b = tl.split(hi)
-        hi = tl.join(tl.math.exp2(hi_a), _exp2_fma(hi_b))
-        return tl.join(tl.math.exp2(lo), hi).permute(0, 1, 4, 2, 3).reshape(BM, BN)
-
-
-@triton.jit
-def _step(acc, l_i, m_i, s_int, scale, v, valid, MASK: tl.constexpr, POLY: tl.constexpr = 0):
+def _step(acc, l_i, m_i, s_int, scale, v, valid, MASK: tl.constexpr):
     """Online softmax of one key block and its P.V; returns the updated (acc, l_i, m_i)."""
     magic = MAGIC
     # Exact int32 Q.K^T, turned into float32 without the quarter-rate I2F: for |x| < 2^22 the bits of
@@ -143,11 +108,7 @@ def _step(acc, l_i, m_i, s_int, scale, v, valid, MASK: tl.constexpr, POLY: tl.co
     alpha = tl.math.exp2(m_i - m_new)
     # One FMA per score: (s - MAGIC) * scale - m + 8 = s * scale - (MAGIC * scale + m - 8); P * 2^8 in [0, 256].
     bias = magic * scale + m_new - 8.0
-    x = s * scale[:, None] - bias[:, None]
-    if POLY == 0:
-        p = tl.math.exp2(x)
-    else:
-        p = _exp2_split(x, POLY)
+    p = tl.math.exp2(s * scale[:, None] - bias[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     # A fresh fp32 accumulator per key block, added to the running sum: the two-level accumulation (letting
     # the FP8 MMA accumulate across blocks measured 0.83 % error instead of 0.34 %, bench/NOTES.md).
@@ -168,8 +129,7 @@ def _configs():
 @triton.jit
 def attn_body(Q, K, V, QS, KS, VS, Out, Lq, Lk, L_pad, H, n_kblocks,
               s_qb, s_qh, s_ql, s_kb, s_kh, s_kn, s_ob, s_ol, s_oh,
-              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KS_BLOCK: tl.constexpr,
-              EXP2_POLY: tl.constexpr = 0):  # fmt: skip
+              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KS_BLOCK: tl.constexpr):  # fmt: skip
     """One BLOCK_M tile of queries of head (b, h) against all keys; K has one scale per KS_BLOCK tokens (a
     multiple of BLOCK_N)."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -191,12 +151,12 @@ def attn_body(Q, K, V, QS, KS, VS, Out, Lq, Lk, L_pad, H, n_kblocks,
     for i in range(0, n_full):
         s_int = tl.dot(q, tl.load(k_ptrs + i * BLOCK_N * s_kn))
         acc, l_i, m_i = _step(acc, l_i, m_i, s_int, qs * tl.load(ks_ptr + i * BLOCK_N // KS_BLOCK),
-                              tl.load(v_ptrs + i * BLOCK_N), offs_n, False, EXP2_POLY)  # fmt: skip
+                              tl.load(v_ptrs + i * BLOCK_N), offs_n, False)  # fmt: skip
     if n_full * BLOCK_N < Lk:  # the last, partial key block (V^T is zero-padded to L_pad)
         valid = (n_full * BLOCK_N + offs_n) < Lk
         s_int = tl.dot(q, tl.load(k_ptrs + n_full * BLOCK_N * s_kn, mask=valid[None, :], other=0))
         acc, l_i, m_i = _step(acc, l_i, m_i, s_int, qs * tl.load(ks_ptr + n_full * BLOCK_N // KS_BLOCK),
-                              tl.load(v_ptrs + n_full * BLOCK_N), valid, True, EXP2_POLY)  # fmt: skip
+                              tl.load(v_ptrs + n_full * BLOCK_N), valid, True)  # fmt: skip
     vs = tl.load(VS + pid_bh * D + offs_d)
     out = acc * vs[None, :] / l_i[:, None]  # l_i carries the same 2^8 as P
     o_ptrs = Out + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :]
