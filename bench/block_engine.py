@@ -11,8 +11,10 @@ forward), the same inputs for every variant:
   fp8-sage-tile   the same with the tile pinned (no autotuning at build)
   fp8-sage-fused  pinned tile, quantization as torch ops that Inductor fuses into the norm/RoPE kernels
   *-fast          the same with the FP8 GEMMs accumulating in the tensor cores (`use_fast_accum`)
-Next to measure: `--no-op --no-streamed --variants fp8-sage-fused-fast,fp8-sage-tile-fast` (the op's own
-quantization kernels inside the block since their fp64 promotion was fixed, against the fused torch ops).
+  *-before        built as before GELUTanh and persistent norms (export/dit.py, export/engines.py); -exact-gelu,
+                  -looped-norms: one of the two undone
+Measured with `--no-op --no-streamed --variants fp8-sage-fused-fast,fp8-sage-tile-fast`
+(`block_quant_kernels-h200.json`): the op's own quantization kernels beat the fused torch ops by 1.1 ms a block.
 Per variant: build seconds, block time (median of device-event timings), a profiler breakdown of one call
 by kernel kind, parity against the eager block of the same variant, and the error of what the block adds
 to its input (output minus input) against the eager bf16 block's. The SageAttention op is also
@@ -36,21 +38,35 @@ from bench.attention import make_inputs, sdpa
 from bench.common import interleaved, kernel_breakdown, rel_err, time_cuda, write_result
 from bench.dit_forward import inputs, random_dit
 from bench.engine_forward import ORDER, load_pt2, max_calibrated_fp8, sage_op_package
+from x2v.export.dit import GELUTanh
 from x2v.export.fp8 import configure_fp8
 from x2v.plugins import sage_attention as sage
 from x2v.runtime.config import load_model_config
 
 TILE = {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}  # the best tile of every H200 sweep so far
-VARIANTS = {  # name: (model, attention, sage tile, traced quantization, FP8 fast accumulation)
-    "bf16-sdpa": ("bf16", "sdpa", None, "kernels", False),
-    "fp8-sdpa": ("fp8", "sdpa", None, "kernels", False),
-    "fp8-sdpa-fast": ("fp8", "sdpa", None, "kernels", True),
-    "fp8-sage": ("fp8", "sage_op", None, "kernels", False),
-    "fp8-sage-tile": ("fp8", "sage_op", TILE, "kernels", False),
-    "fp8-sage-fused": ("fp8", "sage_op", TILE, "fused", False),
-    "fp8-sage-fused-fast": ("fp8", "sage_op", TILE, "fused", True),
+VARIANTS = {  # name: (model, attention, sage tile, traced quantization, FP8 fast accumulation, options)
+    "bf16-sdpa": ("bf16", "sdpa", None, "kernels", False, {}),
+    "fp8-sdpa": ("fp8", "sdpa", None, "kernels", False, {}),
+    "fp8-sdpa-fast": ("fp8", "sdpa", None, "kernels", True, {}),
+    "fp8-sage": ("fp8", "sage_op", None, "kernels", False, {}),
+    "fp8-sage-tile": ("fp8", "sage_op", TILE, "kernels", False, {}),
+    "fp8-sage-fused": ("fp8", "sage_op", TILE, "fused", False, {}),
+    "fp8-sage-fused-fast": ("fp8", "sage_op", TILE, "fused", True, {}),
     # the op's own quantization kernels traced into the package: 15x slow there until f3a2811 (fp64 promotion)
-    "fp8-sage-tile-fast": ("fp8", "sage_op", TILE, "kernels", True),
+    "fp8-sage-tile-fast": ("fp8", "sage_op", TILE, "kernels", True, {}),
+    # the block as built before GELUTanh and persistent 5120-wide norms (export/dit.py, export/engines.py)
+    "fp8-sage-tile-fast-before": (
+        "fp8",
+        "sage_op",
+        TILE,
+        "kernels",
+        True,
+        {"gelu": "exact", "persistent_max": 0},
+    ),
+    "fp8-sage-tile-fast-exact-gelu": ("fp8", "sage_op", TILE, "kernels", True, {"gelu": "exact"}),
+    "fp8-sage-tile-fast-looped-norms": ("fp8", "sage_op", TILE, "kernels", True, {"persistent_max": 0}),
+    "bf16-sdpa-before": ("bf16", "sdpa", None, "kernels", False, {"gelu": "exact", "persistent_max": 0}),
+    "fp8-sdpa-fast-before": ("fp8", "sdpa", None, "kernels", True, {"gelu": "exact", "persistent_max": 0}),
 }
 
 
@@ -155,8 +171,10 @@ def main():
             models["bf16"].configure(torch.bfloat16, "sdpa").blocks[0](*block_args).float() - tokens.float()
         )
         for name in args.variants.split(","):
-            kind, attn, tile, quant, fast = VARIANTS[name]
+            kind, attn, tile, quant, fast, opts = VARIANTS[name]
             model = models[kind].configure(torch.bfloat16, attn)
+            for b in model.blocks:
+                b.ffn[1] = torch.nn.GELU(approximate="tanh") if opts.get("gelu") == "exact" else GELUTanh()
             if kind == "fp8":
                 configure_fp8(model, "cuda", fast_accum=fast)
             sage.TILE, sage.TRACED_QUANT = None, "kernels"
@@ -164,7 +182,14 @@ def main():
             sage.TILE, sage.TRACED_QUANT = tile, quant
             t0 = time.perf_counter()
             path = d / f"block-{name}.pt2"
-            E.export_aoti(model, "block", shape, path, "cuda")
+            E.export_aoti(
+                model,
+                "block",
+                shape,
+                path,
+                "cuda",
+                persistent_max=opts.get("persistent_max", E.PERSISTENT_MAX),
+            )
             r = {"build_s": time.perf_counter() - t0}
             blk = load_pt2(path)
             args0 = (tokens, e0, ctx, cos, sin, *E.engine_weights(model, "block"))

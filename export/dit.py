@@ -92,6 +92,17 @@ class WanRMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
+class GELUTanh(nn.Module):
+    """nn.GELU(approximate="tanh") written as x * sigmoid(2z), the same function (0.5 (1 + tanh z) = sigmoid(2z)),
+    computed in float32. Why: Inductor lowers tanh to libdevice's accurate tanhf, which made the FFN's
+    GELU + FP8 cast kernel compute-bound (0.83 ms a block on an H200, for 1.4 GB moved); its sigmoid is one
+    exp2 and one reciprocal."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        return (y * torch.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))).to(x.dtype)
+
+
 class WanLayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the input dtype (returns float32)."""
 
@@ -165,9 +176,7 @@ class WanBlock(nn.Module):
         self.norm3 = WanLayerNorm(dim, cfg.eps, elementwise_affine=True)
         self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps, cfg.i2v, cfg.text_len)
         self.norm2 = WanLayerNorm(dim, cfg.eps)
-        self.ffn = nn.Sequential(
-            nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim)
-        )
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), GELUTanh(), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))
 
     def forward(self, x, e0, context, cos, sin):
