@@ -95,52 +95,16 @@ def engine_weights(dit, engine: str) -> list[torch.Tensor]:
     return [state[k] for k in weight_names(dit, engine)]
 
 
-# Rows of up to this many elements are normalized by persistent reductions (one read of the row) instead of
-# Inductor's default limit of 1024, above which a row is read twice (statistics, then the normalized output):
-# the DiT's LayerNorms and RMSNorms reduce 5120 channels (float32 rows of the residual stream, 671 MB a call
-# at 480P). 0 keeps Inductor's heuristic.
-PERSISTENT_MAX = 8192
-
-
-def _choices(persistent_max: int):
-    from torch._inductor.choices import InductorChoices
-    from torch._inductor.runtime.hints import ReductionHint
-    from torch._inductor.virtualized import V
-
-    class Choices(InductorChoices):
-        @staticmethod
-        def should_use_persistent_reduction(features, cooperative_reduction) -> bool:
-            if (
-                not cooperative_reduction
-                and features.get_reduction_hint() == ReductionHint.INNER
-                and V.graph.sizevars.statically_known_leq(features.reduction_numel, persistent_max)
-            ):
-                return True
-            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
-
-        def uuid(self) -> str:  # part of Inductor's cache key
-            return f"x2v-persistent-{persistent_max}"
-
-    return Choices
-
-
-def export_aoti(dit, engine: str, shape, path: Path, device, inductor_configs: dict | None = None,
-                persistent_max: int = PERSISTENT_MAX) -> dict:  # fmt: skip
+def export_aoti(dit, engine: str, shape, path: Path, device, inductor_configs: dict | None = None) -> dict:
     """torch.export + AOTInductor package of one engine, weights as inputs. Returns its input/output names."""
-    from torch._inductor.virtualized import V
-
     module = engine_module(dit, engine, dit.grid(shape))
     names, acts = example_inputs(dit, engine, shape, device, _act_dtype(dit))
     args = tuple(acts) + tuple(engine_weights(dit, engine))
-    configs = dict(inductor_configs or {})
-    choices = contextlib.nullcontext()
-    if persistent_max:
-        # the config makes the cache key see it; the handler is what this thread's compile consults
-        configs["inductor_choices_class"] = _choices(persistent_max)
-        choices = V.set_choices_handler(configs["inductor_choices_class"]())
-    with torch.no_grad(), choices:
+    with torch.no_grad():
         ep = torch.export.export(module, args, strict=False)
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs)
+        torch._inductor.aoti_compile_and_package(
+            ep, package_path=str(path), inductor_configs=inductor_configs or {}
+        )
     return {"inputs": names, "outputs": OUTPUTS[engine], "weights": weight_names(dit, engine)}
 
 
