@@ -144,8 +144,9 @@ def quantize_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wrap=None):
 
 def quantize_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """quantize_pass's outputs computed with torch ops (the reference math): what the op traces to under a
-    compiler, so Inductor fuses the quantization into the kernels that produce q and k (norm, RoPE) instead
-    of writing them in bf16 for quantization kernels to read back."""
+    compiler with TRACED_QUANT = "fused", so Inductor fuses the quantization into the kernels that produce q and
+    k (norm, RoPE) instead of writing them in bf16 for quantization kernels to read back (slower than the
+    kernels in the FP8 block, see TRACED_QUANT)."""
     lk = k.shape[1]
     q8, qs = quantize_q(q)
     k8, ks = quantize_k(k)
