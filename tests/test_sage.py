@@ -195,3 +195,14 @@ def test_quantization_stays_in_fp32_when_a_compiler_passes_fp64_scalars():
                         constexprs=const)  # fmt: skip
         ttir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ttir"]
         assert "xf64>" not in ttir  # no fp64 tensor: the scalar is cast once
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
+def test_fused_q_k_preparation_experiment_matches_the_model_in_the_interpreter():
+    """bench/qk_prep.py (RMSNorm + RoPE + Q's INT8 in one pass, not in the engines yet) against the model's
+    ops: its --check asserts Q and K's quantized values, K's mean and V are the reference's."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    out = subprocess.run([sys.executable, "bench/qk_prep.py", "--check"], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.stdout.count("rel L2 0.00e+00") == 6, out.stdout
