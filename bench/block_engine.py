@@ -12,7 +12,7 @@ forward), the same inputs for every variant:
   fp8-sage-fused  pinned tile, quantization as torch ops that Inductor fuses into the norm/RoPE kernels
   *-fast          the same with the FP8 GEMMs accumulating in the tensor cores (`use_fast_accum`)
   *-exact-gelu    GELU as nn.GELU(approximate="tanh") (Inductor: libdevice tanhf), as before GELUTanh
-  *-qkprep        Q and K prepared by bench/qk_prep.py's fused kernels (an experiment, not in the engines)
+  *-qkprep        Q and K normalized, rotated (Q quantized) inside the op (`sage_prep: fused`, x2v::sage_attention_rope)
 Measured with `--no-op --no-streamed --variants fp8-sage-fused-fast,fp8-sage-tile-fast`
 (`block_quant_kernels-h200.json`): the op's own quantization kernels beat the fused torch ops by 1.1 ms a block.
 Per variant: build seconds, block time (median of device-event timings), a profiler breakdown of one call
@@ -30,7 +30,6 @@ import dataclasses
 import json
 import os
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -59,8 +58,8 @@ VARIANTS = {  # name: (model, attention, sage tile, traced quantization, FP8 fas
     "fp8-sage-tile-fast-exact-gelu": ("fp8", "sage_op", TILE, "kernels", True, {"gelu": "exact"}),
     "bf16-sdpa-exact-gelu": ("bf16", "sdpa", None, "kernels", False, {"gelu": "exact"}),
     "fp8-sdpa-fast-exact-gelu": ("fp8", "sdpa", None, "kernels", True, {"gelu": "exact"}),
-    # Q and K normalized, rotated (and Q quantized) in one pass each (bench/qk_prep.py), not in the engines yet
-    "fp8-sage-tile-fast-qkprep": ("fp8", "sage_op", TILE, "kernels", True, {"qkprep": True}),
+    # Q and K normalized, rotated (and Q quantized) inside the op, one pass each (GPU configs' sage_prep: fused)
+    "fp8-sage-tile-fast-qkprep": ("fp8", "sage_op_rope", TILE, "kernels", True, {}),
 }
 
 
@@ -169,11 +168,6 @@ def main():
             model = models[kind].configure(torch.bfloat16, attn)
             for b in model.blocks:
                 b.ffn[1] = torch.nn.GELU(approximate="tanh") if opts.get("gelu") == "exact" else GELUTanh()
-                b.self_attn.__dict__.pop("forward", None)
-                if opts.get("qkprep"):
-                    from bench.qk_prep import patched_forward
-
-                    b.self_attn.forward = types.MethodType(patched_forward, b.self_attn)
             if kind == "fp8":
                 configure_fp8(model, "cuda", fast_accum=fast)
             sage.TILE, sage.TRACED_QUANT = None, "kernels"

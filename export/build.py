@@ -149,8 +149,14 @@ def build(model: str, ckpt: Path, gpu: str, out: Path, precision: str | None = N
         old = json.loads((out / MANIFEST).read_text()).get("engines", {})
     compute = torch.float32 if g.device == "cpu" else torch.bfloat16
     t0 = time.perf_counter()
-    dit = load_dit(ckpt, cfg, dtype=compute, device=g.device, attn="sage_op" if attn == "sage" else attn,
-                   dit_file=dit_file, fp8_fast_accum=g.fp8_fast_accum)  # fmt: skip
+    impl = attn
+    if attn == "sage":
+        impl = "sage_op_rope" if g.sage_prep == "fused" and backend == "aoti" else "sage_op"
+        if g.sage_prep == "fused" and backend != "aoti":
+            log(f"{gpu}: sage_prep fused applies to AOTInductor engines; {backend} engines take the "
+                f"x2v::SageAttention node with Q and K prepared by the graph")  # fmt: skip
+    dit = load_dit(ckpt, cfg, dtype=compute, device=g.device, attn=impl, dit_file=dit_file,
+                   fp8_fast_accum=g.fp8_fast_accum)  # fmt: skip
     state_is_fp8 = any(b.dtype == torch.float8_e4m3fn for b in dit.buffers())
     if (precision == "fp8") != state_is_fp8:
         raise BuildError(

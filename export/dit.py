@@ -19,8 +19,9 @@ from torch import nn
 
 from x2v.runtime.config import DiTConfig
 
-# "sage_op" always emits the registered op (export: ONNX custom node, AOTInductor), whatever the device.
-ATTENTION_IMPLS = ("sdpa", "sage", "sage_op")
+# "sage_op" always emits the registered op (export: ONNX custom node, AOTInductor), whatever the device;
+# "sage_op_rope" the op that also applies self-attention's q/k norms and RoPE (AOTInductor engines only).
+ATTENTION_IMPLS = ("sdpa", "sage", "sage_op", "sage_op_rope")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa") -> torch.Tensor:
@@ -136,6 +137,13 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, L, C] in compute dtype -> [B, L, C]."""
         n = self.num_heads
+        if self.attn_impl == "sage_op_rope":
+            import x2v.plugins.sage_attention  # noqa: F401  (registers the op)
+
+            v = self.v(x).unflatten(-1, (n, -1))
+            out = torch.ops.x2v.sage_attention_rope(self.q(x), self.k(x), v, self.norm_q.weight,
+                                                    self.norm_k.weight, cos, sin, n, self.norm_q.eps)  # fmt: skip
+            return self.o(out.flatten(2))
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (n, -1)), cos, sin)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (n, -1)), cos, sin)
         v = self.v(x).unflatten(-1, (n, -1))

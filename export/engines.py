@@ -113,6 +113,9 @@ def export_onnx(dit, engine: str, shape, path: Path, device="cpu", opset: int = 
     node, FP8 linears QuantizeLinear/DequantizeLinear pairs. External data when the graph is over 2 GB."""
     from x2v.export.onnx_ops import translation_table
 
+    if any(b.self_attn.attn_impl == "sage_op_rope" for b in dit.blocks):
+        raise ValueError("attention 'sage_op_rope' (q/k norms and RoPE inside the op) is built into AOTInductor "
+                         "engines only; ONNX and TensorRT take the x2v::SageAttention node: configure 'sage_op'")  # fmt: skip
     module = engine_module(dit, engine, dit.grid(shape))
     names, acts = example_inputs(dit, engine, shape, device, _act_dtype(dit))
     wnames = weight_names(dit, engine)

@@ -142,6 +142,64 @@ def quantize_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wrap=None):
     return q8, qs, k8, ks, v8, v_scale
 
 
+def head_groups(h: int) -> tuple[int, int]:
+    """H heads as two power-of-two groups for norm_rope_kernel: 40 -> (32, 8), 12 -> (8, 4), 2 -> (2, 0)."""
+    h1 = 1 << (h.bit_length() - 1)
+    return h1, 0 if h == h1 else 1 << (h - h1 - 1).bit_length()
+
+
+def prepare_pass(qp, kp, v, wq, wk, cos, sin, num_heads: int, eps: float, wrap=None, block_l: int = 2,
+                 tiles: int = 16, num_warps: int = 8):  # fmt: skip
+    """quantize_pass's six tensors from the q/k projections [B, L, H * D] (before norm and RoPE) and v
+    [B, L, H, D]: Q normalized, rotated and quantized in one pass, K normalized and rotated with its mean's
+    partial sums, then K's and V's quantization kernels."""
+    from torch.library import wrap_triton
+
+    from x2v.plugins import sage_kernels as K
+
+    wrap = wrap or wrap_triton
+    b, n, c = qp.shape
+    h, d = num_heads, c // num_heads
+    h1, h2 = head_groups(h)
+    tiles = max(1, min(tiles, triton_cdiv(n, block_l)))
+    grid = (triton_cdiv(n, block_l * tiles), b)
+    q8 = torch.empty((b, h, n, d), dtype=torch.int8, device=qp.device)
+    qs = torch.empty((b, h, n), dtype=torch.float32, device=qp.device)
+    sm = d**-0.5 * math.log2(math.e)
+    wrap(K.norm_rope_kernel)[grid](qp, wq, cos, sin, q8, qs, qs, n, qp.stride(0), qp.stride(1),
+                                   q8.stride(0), q8.stride(1), q8.stride(2), eps, sm, H=h, H1=h1, H2=h2, D=d,
+                                   BLOCK_L=block_l, TILES=tiles, QUANT=True, num_warps=num_warps)  # fmt: skip
+    k = torch.empty((b, n, h, d), dtype=kp.dtype, device=kp.device)
+    ksum = torch.empty((b, grid[0], h, d), dtype=torch.float32, device=kp.device)
+    wrap(K.norm_rope_kernel)[grid](kp, wk, cos, sin, k, qs, ksum, n, kp.stride(0), kp.stride(1),
+                                   k.stride(0), 0, k.stride(1), eps, 1.0, H=h, H1=h1, H2=h2, D=d,
+                                   BLOCK_L=block_l, TILES=tiles, QUANT=False, num_warps=num_warps)  # fmt: skip
+    k_mean = (ksum.sum(1) / n).contiguous()  # [B, H, D]
+    nkb = triton_cdiv(n, BLOCK_N)
+    k8 = torch.empty((b, h, n, d), dtype=torch.int8, device=kp.device)
+    ks = torch.empty((b, h, nkb), dtype=torch.float32, device=kp.device)
+    wrap(K.quant_int8_kernel)[(nkb, b * h)](
+        k, k_mean, k8, ks, n, h, nkb, k.stride(0), k.stride(1), k.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
+        1.0, SMOOTH=True, PER_TOKEN=False, BLOCK=BLOCK_N, D=d)  # fmt: skip
+    v8 = torch.empty((b, h, d, nkb * BLOCK_N), dtype=torch.float8_e4m3fn, device=v.device)
+    v_scale = (torch.linalg.vector_norm(v, math.inf, dim=1).float().clamp(min=1e-12) / V_FP8_MAX).contiguous()
+    wrap(K.quant_v_kernel)[(nkb, b * h)](
+        v, v_scale, v8, n, nkb * BLOCK_N, h, v.stride(0), v.stride(1), v.stride(2), BLOCK=BLOCK_N, D=d)  # fmt: skip
+    return q8, qs, k8, ks, v8, v_scale
+
+
+def norm_rope_reference(qp, kp, wq, wk, cos, sin, num_heads: int, eps: float):
+    """What norm_rope_kernel computes before quantizing: the DiT's own WanRMSNorm and apply_rope."""
+    from x2v.export.dit import apply_rope
+
+    def norm(x, w):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+    rope = lambda x: apply_rope(x.unflatten(-1, (num_heads, -1)), cos, sin)  # noqa: E731
+    return rope(norm(qp, wq)), rope(norm(kp, wk))
+
+
 def quantize_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """quantize_pass's outputs computed with torch ops (the reference math): what the op traces to under a
     compiler with TRACED_QUANT = "fused", so Inductor fuses the quantization into the kernels that produce q and
@@ -241,3 +299,34 @@ def _(q, k, v):
 
 # On the CPU the op computes its specification, so graphs holding it (ONNX, exported programs) run anywhere.
 _sage_attention_op.register_kernel("cpu")(sage_reference)
+
+
+# The op from the projections (AOTInductor engines with the GPU config's `sage_prep: fused`): q and k before
+# the DiT's RMSNorm and RoPE, which it applies itself, so Q is quantized in the pass that normalizes it.
+@torch.library.triton_op("x2v::sage_attention_rope", mutates_args={})
+def _sage_attention_rope_op(qp: torch.Tensor, kp: torch.Tensor, v: torch.Tensor, wq: torch.Tensor,
+                            wk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                            eps: float) -> torch.Tensor:  # fmt: skip
+    """qp, kp [B, L, H * D] projections, v [B, L, H, D], wq/wk the norms' weights [H * D], cos/sin [L, D / 2]
+    -> [B, L, H, D]."""
+    from torch.library import wrap_triton
+
+    from x2v.plugins import sage_kernels as K
+
+    out = torch.empty_like(v)
+    packed = prepare_pass(qp, kp, v, wq, wk, cos, sin, num_heads, eps)
+    if TILE is None:
+        attend(*packed, out, wrap_triton, K.attn_kernel)
+    else:
+        attend(*packed, out, wrap_triton, K.attn_body, **TILE)
+    return out
+
+
+@_sage_attention_rope_op.register_fake
+def _(qp, kp, v, wq, wk, cos, sin, num_heads, eps):
+    return torch.empty_like(v)
+
+
+@_sage_attention_rope_op.register_kernel("cpu")
+def _(qp, kp, v, wq, wk, cos, sin, num_heads, eps):
+    return sage_reference(*norm_rope_reference(qp, kp, wq, wk, cos, sin, num_heads, eps), v)

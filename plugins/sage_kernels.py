@@ -10,6 +10,9 @@
   an FP8 dot into a fresh accumulator that is added to the fp32 running sum once per key block: the
   two-level accumulation that keeps Hopper's reduced-precision FP8 accumulator from drifting.
 
+- Q and K prepared from their projections (norm_rope_kernel): RMSNorm, RoPE and Q's quantization in one
+  pass, for the op that takes the projections (x2v::sage_attention_rope).
+
 Imported only where Triton and a CUDA GPU exist; x2v.plugins.sage_attention is the entry point.
 """
 
@@ -79,6 +82,86 @@ def quant_v_kernel(X, Scale, Out, L, L_pad, H, s_xb, s_xl, s_xh, BLOCK: tl.const
     tl.store(
         Out + pid_bh * D * L_pad + offs_d[None, :] * L_pad + offs_l[:, None], v, mask=offs_l[:, None] < L_pad
     )
+
+
+# Q and K straight from their projections: one read of each row instead of Inductor's norm and RoPE kernels, a
+# bf16 Q written and read back for its quantization, and a second read of K for its mean (bench/NOTES.md).
+# fmt: off
+@triton.jit
+def _load_rows(X, b, offs_l, lmask, s_xb, s_xl, H0: tl.constexpr, NH: tl.constexpr, D: tl.constexpr,
+               H: tl.constexpr):
+    offs_h = H0 + tl.arange(0, NH)
+    offs_d = tl.arange(0, D)
+    ptr = X + b * s_xb + offs_l[:, None, None] * s_xl + offs_h[None, :, None] * D + offs_d[None, None, :]
+    x = tl.load(ptr, mask=lmask[:, None, None] & (offs_h < H)[None, :, None], other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _norm_rope_out(x, rstd, W, COS, SIN, OUT, SCALE, b, offs_l, lmask, L, s_ob, s_oh, s_ol, pre_scale,
+            H0: tl.constexpr, NH: tl.constexpr, D: tl.constexpr, H: tl.constexpr, BLOCK_L: tl.constexpr,
+            QUANT: tl.constexpr):
+    """Norm weight, RoPE and the output of one head group [BLOCK_L, NH, D]; returns its sum over tokens (K)."""
+    offs_h = H0 + tl.arange(0, NH)
+    offs_d = tl.arange(0, D)
+    hmask = offs_h < H
+    w = tl.load(W + offs_h[:, None] * D + offs_d[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
+    # WanRMSNorm: (x * rstd) rounded to bf16, times the bf16 weight, rounded again
+    xn = ((x * rstd[:, None, None]).to(tl.bfloat16).to(tl.float32) * w[None]).to(tl.bfloat16).to(tl.float32)
+    re, im = tl.split(xn.reshape(BLOCK_L, NH, D // 2, 2))  # adjacent channel pairs
+    rope = offs_l[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :]
+    c = tl.load(COS + rope, mask=lmask[:, None], other=0.0)[:, None, :]
+    s = tl.load(SIN + rope, mask=lmask[:, None], other=0.0)[:, None, :]
+    y = tl.join(re * c - im * s, re * s + im * c).reshape(BLOCK_L, NH, D).to(tl.bfloat16)
+    mask = lmask[:, None, None] & hmask[None, :, None]
+    if QUANT:  # Q: INT8, one scale per (token, head), softmax scale folded in (as sage_kernels.quant_int8_kernel)
+        yq = y.to(tl.float32) * tl.cast(pre_scale, tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(yq), axis=2), 1e-12) / 127.0
+        vals = _round_half_away(yq / scale[:, :, None]).to(tl.int8)
+        o = OUT + b * s_ob + offs_h[None, :, None] * s_oh + offs_l[:, None, None] * s_ol + offs_d[None, None, :]
+        tl.store(o, vals, mask=mask)
+        tl.store(SCALE + (b * H + offs_h[None, :]) * L + offs_l[:, None], scale, mask=lmask[:, None] & hmask[None, :])
+    else:  # K: bf16 in the DiT's [B, L, H, D] layout
+        o = OUT + b * s_ob + offs_l[:, None, None] * s_ol + offs_h[None, :, None] * D + offs_d[None, None, :]
+        tl.store(o, y, mask=mask)
+    return tl.sum(tl.where(mask, y.to(tl.float32), 0.0), axis=0)
+
+
+@triton.jit
+def norm_rope_kernel(X, W, COS, SIN, OUT, SCALE, KSUM, L, s_xb, s_xl, s_ob, s_oh, s_ol, eps, pre_scale,
+                   H: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr,
+                   TILES: tl.constexpr, QUANT: tl.constexpr):
+    """Q or K from its projection [B, L, H * D]: the DiT's RMSNorm over all H * D channels (weight W), RoPE on
+    adjacent channel pairs (tables COS, SIN [L, D / 2]), then Q (QUANT) as INT8 [B, H, L, D] with per-token
+    scales SCALE [B, H, L] (softmax scale folded in through pre_scale), K as bf16 [B, L, H, D] plus each
+    program's sum over its tokens in KSUM [B, programs, H, D] (for K's mean). TILES x BLOCK_L tokens of batch b
+    per program, BLOCK_L whole rows at a time, each read once, as head groups H1 + H2 (powers of two, H2
+    masked past H). The arithmetic is export/dit.py's WanRMSNorm and apply_rope, roundings included."""
+    pid_l, b = tl.program_id(0), tl.program_id(1)
+    offs_d = tl.arange(0, D)
+    acc1 = tl.zeros([H1, D], tl.float32)
+    acc2 = tl.zeros([H2 if H2 > 0 else 1, D], tl.float32)
+    for i in range(TILES):
+        offs_l = (pid_l * TILES + i) * BLOCK_L + tl.arange(0, BLOCK_L)
+        lmask = offs_l < L
+        x1 = _load_rows(X, b, offs_l, lmask, s_xb, s_xl, 0, H1, D, H)
+        ss = tl.sum(tl.sum(x1 * x1, axis=2), axis=1)
+        if H2 > 0:
+            x2 = _load_rows(X, b, offs_l, lmask, s_xb, s_xl, H1, H2, D, H)
+            ss += tl.sum(tl.sum(x2 * x2, axis=2), axis=1)
+        rstd = tl.math.rsqrt(ss / (H * D) + tl.cast(eps, tl.float32))
+        acc1 += _norm_rope_out(x1, rstd, W, COS, SIN, OUT, SCALE, b, offs_l, lmask, L, s_ob, s_oh, s_ol, pre_scale,
+                        0, H1, D, H, BLOCK_L, QUANT)
+        if H2 > 0:
+            acc2 += _norm_rope_out(x2, rstd, W, COS, SIN, OUT, SCALE, b, offs_l, lmask, L, s_ob, s_oh, s_ol, pre_scale,
+                            H1, H2, D, H, BLOCK_L, QUANT)
+    if not QUANT:
+        base = KSUM + (b * tl.num_programs(0) + pid_l) * H * D
+        tl.store(base + tl.arange(0, H1)[:, None] * D + offs_d[None, :], acc1)
+        if H2 > 0:
+            offs_h = H1 + tl.arange(0, H2)
+            tl.store(base + offs_h[:, None] * D + offs_d[None, :], acc2, mask=(offs_h < H)[:, None])
+# fmt: on
 
 
 MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23

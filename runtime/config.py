@@ -267,6 +267,10 @@ class GPUConfig:
     # FP8 GEMMs of the engines accumulate in the tensor cores instead of promoting to FP32 every few K-steps
     # (torch._scaled_mm's use_fast_accum; TensorRT picks its own accumulation)
     fp8_fast_accum: bool = False
+    # How AOTInductor engines prepare Q and K for SageAttention: "kernels" (Inductor's norm/RoPE kernels, then
+    # the op's quantization kernels) or "fused" (the op takes the projections: norm, RoPE and Q's INT8 in one
+    # pass, x2v::sage_attention_rope). ONNX/TensorRT engines take the x2v::SageAttention node either way.
+    sage_prep: str = "kernels"
 
     @property
     def device(self) -> str:
@@ -295,6 +299,8 @@ def load_gpu_config(name: str) -> GPUConfig:
         raise ConfigError(f"{path}: encoders must be resident, stream or host, found {cfg.encoders!r}")
     if cfg.dit_weights not in ("resident", "stream"):
         raise ConfigError(f"{path}: dit_weights must be resident or stream, found {cfg.dit_weights!r}")
+    if cfg.sage_prep not in ("kernels", "fused"):
+        raise ConfigError(f"{path}: sage_prep must be kernels or fused, found {cfg.sage_prep!r}")
     for flag in ("expandable_segments", "fp8_fast_accum"):
         if not isinstance(getattr(cfg, flag), bool):
             raise ConfigError(f"{path}: {flag} must be true or false, found {getattr(cfg, flag)!r}")

@@ -197,12 +197,64 @@ def test_quantization_stays_in_fp32_when_a_compiler_passes_fp64_scalars():
         assert "xf64>" not in ttir  # no fp64 tensor: the scalar is cast once
 
 
+PREPARED = textwrap.dedent("""
+    import torch
+    from x2v.plugins import sage_attention as sage
+
+    def truncated(x):  # float32 -> bf16 toward zero, as Triton's CPU interpreter converts (a GPU rounds)
+        return (x.float().contiguous().view(torch.int32) & -65536).view(torch.float32).bfloat16()
+
+    def model_path(qp, kp, wq, wk, cos, sin, h, eps):  # WanRMSNorm and apply_rope, rounding as the interpreter
+        def norm(x, w):
+            xf = x.float()
+            return truncated(truncated(xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).float() * w.float())
+        def rope(x):
+            xf = x.float().unflatten(-1, (h, -1, 2))
+            c, s = cos[None, :, None], sin[None, :, None]
+            return truncated(torch.stack([xf[..., 0] * c - xf[..., 1] * s, xf[..., 0] * s + xf[..., 1] * c], -1).flatten(-2))
+        return rope(norm(qp, wq)), rope(norm(kp, wk))
+
+    torch.manual_seed(0)
+    for b, n, h, d in ((1, 37, 2, 64), (2, 20, 5, 64), (1, 130, 3, 128)):  # partial programs, a masked head group
+        c = h * d
+        qp, kp = (torch.randn(b, n, c) * 3).bfloat16(), (torch.randn(b, n, c) + 2).bfloat16()
+        v = torch.randn(b, n, h, d).bfloat16()
+        wq, wk = (1 + 0.3 * torch.randn(c)).bfloat16(), (1 + 0.3 * torch.randn(c)).bfloat16()
+        ang = torch.rand(n, d // 2) * 6
+        args = (qp, kp, wq, wk, ang.cos(), ang.sin(), h, 1e-6)
+        got = sage.prepare_pass(qp, kp, v, *args[2:], wrap=lambda f: f, tiles=4)
+        ref = sage.quantize_pass(*model_path(*args), v, wrap=lambda f: f)
+        print(*(int(torch.equal(a, r)) for a, r in zip(got, ref)))
+""")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
-def test_fused_q_k_preparation_experiment_matches_the_model_in_the_interpreter():
-    """bench/qk_prep.py (RMSNorm + RoPE + Q's INT8 in one pass, not in the engines yet) against the model's
-    ops: its --check asserts Q and K's quantized values, K's mean and V are the reference's."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
-    out = subprocess.run([sys.executable, "bench/qk_prep.py", "--check"], capture_output=True, text=True, env=env,
+def test_q_and_k_prepared_from_projections_equal_the_models_norm_rope_then_quantization():
+    """The op behind `sage_prep: fused` (norm_rope_kernel: RMSNorm, RoPE and Q's INT8 in one pass; K's mean from
+    per-program sums) hands the attention kernel exactly what the DiT's norm and RoPE followed by the
+    quantization kernels give, in Triton's interpreter (bf16 conversions there truncate: so does the reference)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", PREPARED], capture_output=True, text=True, env=env,
                          cwd=os.path.dirname(os.path.dirname(__file__)))  # fmt: skip
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert out.stdout.count("rel L2 0.00e+00") == 6, out.stdout
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["1"] * 18, out.stdout
+
+
+def test_the_op_from_projections_is_the_dit_attention_it_replaces(tiny_ckpt, tiny_cfg, tmp_path):
+    from x2v.export import engines as E
+    from x2v.export.load import load_dit
+
+    dit = load_dit(tiny_ckpt, tiny_cfg, torch.bfloat16, attn="sage_op")
+    x = torch.randn(1, 16, 3, 8, 12)
+    d = tiny_cfg.dit
+    inputs = (torch.tensor([500.0]), torch.randn(1, d.text_len, d.text_dim), torch.randn(1, d.clip_tokens, d.clip_dim),
+              torch.randn(1, 20, 3, 8, 12))  # fmt: skip
+    with torch.no_grad():
+        ref = dit(x, *inputs)
+        out = dit.configure(torch.bfloat16, "sage_op_rope")(x, *inputs)
+    assert torch.equal(out, ref)  # on the CPU both ops compute the reference math from the same q and k
+    tokens, _, e0, ctx, cos, sin = dit.pre(x, *inputs)
+    ep = torch.export.export(dit.blocks[0], (tokens, e0, ctx, cos, sin), strict=False)
+    assert "x2v.sage_attention_rope.default" in {str(n.target) for n in ep.graph.nodes}
+    with pytest.raises(ValueError, match="AOTInductor engines only"):
+        E.export_onnx(dit, "block", (1, 16, 3, 8, 12), tmp_path / "block.onnx")
