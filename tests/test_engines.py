@@ -267,12 +267,41 @@ def test_engines_compile_with_the_gpus_sage_tile(tiny_ckpt, engines, tmp_path, m
     assert seen == [tile] * 4 and sage.TILE is None
 
 
+def test_sage_prep_fused_builds_the_op_from_projections_into_aoti_engines_only(
+    tiny_ckpt, tmp_path, monkeypatch
+):
+    """`sage_prep: fused` swaps in x2v::sage_attention_rope where AOTInductor compiles the engines; ONNX (and so
+    TensorRT) engines keep the x2v::SageAttention node, and the build says so."""
+    from dataclasses import replace
+
+    from x2v.export import build as B
+
+    gpu = replace(load_gpu_config("cpu"), attention=("sage", "sdpa"), sage_prep="fused")
+    monkeypatch.setattr(B, "load_gpu_config", lambda name: gpu)
+    impls = {}
+    for backend in ("aoti", "onnx"):
+        export = {"aoti": "export_aoti", "onnx": "export_onnx"}[backend]
+
+        def record(dit, *a, backend=backend, **k):
+            impls[backend] = {b.self_attn.attn_impl for b in dit.blocks}
+            raise StopIteration  # the choice is made; compiling is other tests' business
+
+        monkeypatch.setattr(B.E, export, record)
+        logs = []
+        with pytest.raises(StopIteration):
+            build("tiny", tiny_ckpt, "cpu", tmp_path / backend, attn="sage", backend=backend, dit_only=True,
+                  log=logs.append)  # fmt: skip
+        assert any("applies to AOTInductor engines" in line for line in logs) == (backend == "onnx"), logs
+    assert impls == {"aoti": {"sage_op_rope"}, "onnx": {"sage_op"}}
+
+
 @pytest.mark.parametrize(
     "line, error",
     [
         ("sage_tile: {BLOCK_M: 64, warps: 4}", "sage_tile must map BLOCK_M, num_warps and num_stages"),
         ("expandable_segments: sometimes", "expandable_segments must be true or false, found 'sometimes'"),
         ("fp8_fast_accum: 1", "fp8_fast_accum must be true or false, found 1"),
+        ("sage_prep: fast", "sage_prep must be kernels or fused, found 'fast'"),
     ],
 )
 def test_a_malformed_gpu_setting_is_refused(tmp_path, monkeypatch, line, error):
