@@ -166,12 +166,13 @@ def prepare_pass(qp, kp, v, wq, wk, cos, sin, num_heads: int, eps: float, wrap=N
     q8 = torch.empty((b, h, n, d), dtype=torch.int8, device=qp.device)
     qs = torch.empty((b, h, n), dtype=torch.float32, device=qp.device)
     sm = d**-0.5 * math.log2(math.e)
-    wrap(K.norm_rope_kernel)[grid](qp, wq, cos, sin, q8, qs, qs, n, qp.stride(0), qp.stride(1),
+    unused = torch.empty(1, dtype=torch.float32, device=qp.device)  # the pointer the other variant writes
+    wrap(K.norm_rope_kernel)[grid](qp, wq, cos, sin, q8, qs, unused, n, qp.stride(0), qp.stride(1),
                                    q8.stride(0), q8.stride(1), q8.stride(2), eps, sm, H=h, H1=h1, H2=h2, D=d,
                                    BLOCK_L=block_l, TILES=tiles, QUANT=True, num_warps=num_warps)  # fmt: skip
     k = torch.empty((b, n, h, d), dtype=kp.dtype, device=kp.device)
     ksum = torch.empty((b, grid[0], h, d), dtype=torch.float32, device=kp.device)
-    wrap(K.norm_rope_kernel)[grid](kp, wk, cos, sin, k, qs, ksum, n, kp.stride(0), kp.stride(1),
+    wrap(K.norm_rope_kernel)[grid](kp, wk, cos, sin, k, unused, ksum, n, kp.stride(0), kp.stride(1),
                                    k.stride(0), 0, k.stride(1), eps, 1.0, H=h, H1=h1, H2=h2, D=d,
                                    BLOCK_L=block_l, TILES=tiles, QUANT=False, num_warps=num_warps)  # fmt: skip
     k_mean = (ksum.sum(1) / n).contiguous()  # [B, H, D]
