@@ -118,28 +118,34 @@ def quantize_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wrap=None):
     from x2v.plugins import sage_kernels as K
 
     wrap = wrap or wrap_triton
-
     b, lq, h, d = q.shape
-    lk = k.shape[1]
-    nkb = triton_cdiv(lk, BLOCK_N)
     q8 = torch.empty((b, h, lq, d), dtype=torch.int8, device=q.device)
     qs = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
-    k8 = torch.empty((b, h, lk, d), dtype=torch.int8, device=q.device)
-    ks = torch.empty((b, h, nkb), dtype=torch.float32, device=q.device)
-    v8 = torch.empty((b, h, d, nkb * BLOCK_N), dtype=torch.float8_e4m3fn, device=q.device)
     k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()  # [B, H, D]
-    # max |v| in one reduction (abs().amax() writes |v| out first)
-    v_scale = (torch.linalg.vector_norm(v, math.inf, dim=1).float().clamp(min=1e-12) / V_FP8_MAX).contiguous()
     sm = d**-0.5 * math.log2(math.e)
     wrap(K.quant_int8_kernel)[(triton_cdiv(lq, 128), b * h)](
         q, k_mean, q8, qs, lq, h, lq, q.stride(0), q.stride(1), q.stride(2), q8.stride(0), q8.stride(1), q8.stride(2),
         sm, SMOOTH=False, PER_TOKEN=True, BLOCK=128, D=d)  # fmt: skip
+    return (q8, qs, *_quantize_k_v(k, k_mean, v, wrap))
+
+
+def _quantize_k_v(k, k_mean, v, wrap):
+    """K (bf16 [B, L, H, D], smoothed by k_mean [B, H, D]) and V -> (k8, k_scale, v8 transposed, v_scale)."""
+    from x2v.plugins import sage_kernels as K
+
+    b, lk, h, d = k.shape
+    nkb = triton_cdiv(lk, BLOCK_N)
+    k8 = torch.empty((b, h, lk, d), dtype=torch.int8, device=k.device)
+    ks = torch.empty((b, h, nkb), dtype=torch.float32, device=k.device)
+    v8 = torch.empty((b, h, d, nkb * BLOCK_N), dtype=torch.float8_e4m3fn, device=k.device)
+    # max |v| in one reduction (abs().amax() writes |v| out first)
+    v_scale = (torch.linalg.vector_norm(v, math.inf, dim=1).float().clamp(min=1e-12) / V_FP8_MAX).contiguous()
     wrap(K.quant_int8_kernel)[(nkb, b * h)](
         k, k_mean, k8, ks, lk, h, nkb, k.stride(0), k.stride(1), k.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
         1.0, SMOOTH=True, PER_TOKEN=False, BLOCK=BLOCK_N, D=d)  # fmt: skip
     wrap(K.quant_v_kernel)[(nkb, b * h)](
         v, v_scale, v8, lk, nkb * BLOCK_N, h, v.stride(0), v.stride(1), v.stride(2), BLOCK=BLOCK_N, D=d)  # fmt: skip
-    return q8, qs, k8, ks, v8, v_scale
+    return k8, ks, v8, v_scale
 
 
 def head_groups(h: int) -> tuple[int, int]:
@@ -176,17 +182,7 @@ def prepare_pass(qp, kp, v, wq, wk, cos, sin, num_heads: int, eps: float, wrap=N
                                    k.stride(0), 0, k.stride(1), eps, 1.0, H=h, H1=h1, H2=h2, D=d,
                                    BLOCK_L=block_l, TILES=tiles, QUANT=False, num_warps=num_warps)  # fmt: skip
     k_mean = (ksum.sum(1) / n).contiguous()  # [B, H, D]
-    nkb = triton_cdiv(n, BLOCK_N)
-    k8 = torch.empty((b, h, n, d), dtype=torch.int8, device=kp.device)
-    ks = torch.empty((b, h, nkb), dtype=torch.float32, device=kp.device)
-    wrap(K.quant_int8_kernel)[(nkb, b * h)](
-        k, k_mean, k8, ks, n, h, nkb, k.stride(0), k.stride(1), k.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
-        1.0, SMOOTH=True, PER_TOKEN=False, BLOCK=BLOCK_N, D=d)  # fmt: skip
-    v8 = torch.empty((b, h, d, nkb * BLOCK_N), dtype=torch.float8_e4m3fn, device=v.device)
-    v_scale = (torch.linalg.vector_norm(v, math.inf, dim=1).float().clamp(min=1e-12) / V_FP8_MAX).contiguous()
-    wrap(K.quant_v_kernel)[(nkb, b * h)](
-        v, v_scale, v8, n, nkb * BLOCK_N, h, v.stride(0), v.stride(1), v.stride(2), BLOCK=BLOCK_N, D=d)  # fmt: skip
-    return q8, qs, k8, ks, v8, v_scale
+    return (q8, qs, *_quantize_k_v(k, k_mean, v, wrap))
 
 
 def norm_rope_reference(qp, kp, wq, wk, cos, sin, num_heads: int, eps: float):
