@@ -186,15 +186,11 @@ def prepare_pass(qp, kp, v, wq, wk, cos, sin, num_heads: int, eps: float, wrap=N
 
 
 def norm_rope_reference(qp, kp, wq, wk, cos, sin, num_heads: int, eps: float):
-    """What norm_rope_kernel computes before quantizing: the DiT's own WanRMSNorm and apply_rope."""
-    from x2v.export.dit import apply_rope
-
-    def norm(x, w):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+    """What norm_rope_kernel computes before quantizing: the DiT's own RMSNorm and apply_rope."""
+    from x2v.export.dit import apply_rope, rms_norm
 
     rope = lambda x: apply_rope(x.unflatten(-1, (num_heads, -1)), cos, sin)  # noqa: E731
-    return rope(norm(qp, wq)), rope(norm(kp, wk))
+    return rope(rms_norm(qp, wq, eps)), rope(rms_norm(kp, wk, eps))
 
 
 def quantize_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):

@@ -99,8 +99,8 @@ def _load_rows(X, b, offs_l, lmask, s_xb, s_xl, H0: tl.constexpr, NH: tl.constex
 
 @triton.jit
 def _norm_rope_out(x, rstd, W, COS, SIN, OUT, SCALE, b, offs_l, lmask, L, s_ob, s_oh, s_ol, pre_scale,
-            H0: tl.constexpr, NH: tl.constexpr, D: tl.constexpr, H: tl.constexpr, BLOCK_L: tl.constexpr,
-            QUANT: tl.constexpr):
+                   H0: tl.constexpr, NH: tl.constexpr, D: tl.constexpr, H: tl.constexpr, BLOCK_L: tl.constexpr,
+                   QUANT: tl.constexpr):
     """Norm weight, RoPE and the output of one head group [BLOCK_L, NH, D]; returns its sum over tokens (K)."""
     offs_h = H0 + tl.arange(0, NH)
     offs_d = tl.arange(0, D)
@@ -150,11 +150,11 @@ def norm_rope_kernel(X, W, COS, SIN, OUT, SCALE, KSUM, L, s_xb, s_xl, s_ob, s_oh
             x2 = _load_rows(X, b, offs_l, lmask, s_xb, s_xl, H1, H2, D, H)
             ss += tl.sum(tl.sum(x2 * x2, axis=2), axis=1)
         rstd = tl.math.rsqrt(ss / (H * D) + tl.cast(eps, tl.float32))
-        acc1 += _norm_rope_out(x1, rstd, W, COS, SIN, OUT, SCALE, b, offs_l, lmask, L, s_ob, s_oh, s_ol, pre_scale,
-                        0, H1, D, H, BLOCK_L, QUANT)
+        acc1 += _norm_rope_out(x1, rstd, W, COS, SIN, OUT, SCALE, b, offs_l, lmask, L, s_ob, s_oh, s_ol,
+                               pre_scale, 0, H1, D, H, BLOCK_L, QUANT)
         if H2 > 0:
-            acc2 += _norm_rope_out(x2, rstd, W, COS, SIN, OUT, SCALE, b, offs_l, lmask, L, s_ob, s_oh, s_ol, pre_scale,
-                            H1, H2, D, H, BLOCK_L, QUANT)
+            acc2 += _norm_rope_out(x2, rstd, W, COS, SIN, OUT, SCALE, b, offs_l, lmask, L, s_ob, s_oh, s_ol,
+                                   pre_scale, H1, H2, D, H, BLOCK_L, QUANT)
     if not QUANT:
         base = KSUM + (b * tl.num_programs(0) + pid_l) * H * D
         tl.store(base + tl.arange(0, H1)[:, None] * D + offs_d[None, :], acc1)
