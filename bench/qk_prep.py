@@ -55,6 +55,24 @@ def main():
         for k, fn in calls.items():
             times[k].append(event_ms(fn, hide_launch=True))
     res["ms"] = {k: sorted(t)[len(t) // 2] for k, t in times.items()}
+    # In the block engine the attention kernel ran 2.4 ms slower after prepare_pass than after the kernels
+    # (block_qkprep-h200.json). Here the same kernel on either pass's tensors, alone and interleaved: equal
+    # times would put the difference in the block's power budget, not in the tensors.
+    from x2v.plugins import sage_kernels as K
+
+    tile = {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}  # configs/gpus/h200.yaml
+    out = torch.empty_like(v)
+    attn = {
+        "attention_after_kernels": lambda: sage.attend(*ref, out, lambda f: f, K.attn_body, **tile),
+        "attention_after_prepare_pass": lambda: sage.attend(*got, out, lambda f: f, K.attn_body, **tile),
+    }
+    times = {k: [] for k in attn}
+    for fn in attn.values():
+        fn()
+    for _ in range(args.reps):
+        for k, fn in attn.items():
+            times[k].append(event_ms(fn, hide_launch=True))
+    res["ms"].update({k: sorted(t)[len(t) // 2] for k, t in times.items()})
     print(json.dumps(res), flush=True)
     print(f"wrote {write_result('qk_prep', res, args.out)}")
 
