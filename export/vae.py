@@ -335,6 +335,16 @@ class WanVAE(nn.Module):
                 p.data = p.data.contiguous(memory_format=fmt)
         return self
 
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Encode and decode 5 frames of 32 x 32 px: the norm kernel's compiled variants (one per channel count
+        and dtype: its strides, multiples of the channel count, share one pattern at any frame size) compile,
+        or load from Triton's disk cache, here. The engine loader runs it on its own thread beside the
+        encoders' loading (about 1.7 s on a host's first use, bench/results/vae_speed_cold-h200.json), so that
+        Pipeline.warm_up at the request's size pays only that size's costs."""
+        dtype, device = self.conv1.weight.dtype, self.conv1.weight.device
+        self.decode(self.encode(torch.zeros(1, 3, 5, 32, 32, dtype=dtype, device=device)).to(dtype))
+
     def _stats(self, x):
         mean = torch.tensor(LATENT_MEAN[: self.cfg.z_dim], device=x.device).view(1, -1, 1, 1, 1)
         std = torch.tensor(LATENT_STD[: self.cfg.z_dim], device=x.device).view(1, -1, 1, 1, 1)

@@ -57,7 +57,7 @@ def test_aoti_engines_run_the_loop_like_the_torch_backend(tiny_ckpt, tiny_cfg, t
     ref = Pipeline.load(tiny_ckpt, tiny_cfg).generate(IMAGE, PROMPT, seed=3, batch_cfg=False)
     pipe = Pipeline.from_engines(tmp_path / "aoti")
     # no warm-up on CPUs
-    assert set(pipe.load_phases) == {"check_s", "dit_weights_s", "engines_s", "encoders_vae_s"}
+    assert set(pipe.load_phases) == {"check_s", "dit_weights_s", "engines_s", "encoders_s", "vae_s"}
     out = pipe.generate(IMAGE, PROMPT, seed=3)
     assert (out.latents - ref.latents).norm() / ref.latents.norm() < 1e-4
 

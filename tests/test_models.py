@@ -252,6 +252,15 @@ def test_vae_chunked_equals_whole(tiny_ckpt, tiny_cfg, chunk):
     torch.testing.assert_close(vae.decode(z, chunk=chunk), whole, rtol=1e-5, atol=1e-5)
 
 
+def test_vae_warm_up_leaves_no_state_behind(tiny_ckpt, tiny_cfg):
+    """The engine loader warms the VAE on a side thread; the causal caches must not carry into requests."""
+    vae = load_part("vae", tiny_ckpt, tiny_cfg)
+    z = torch.randn(1, 16, 3, 2, 2)
+    before = vae.decode(z, chunk=1)
+    vae.warm_up()
+    assert torch.equal(vae.decode(z, chunk=1), before)
+
+
 def test_vae_hands_over_each_decoded_chunk_in_order(tiny_ckpt, tiny_cfg):
     vae = load_part("vae", tiny_ckpt, tiny_cfg)
     z, parts = torch.randn(1, 16, 4, 2, 2), []

@@ -49,7 +49,7 @@ def test_table_rows_and_render(tiny_ckpt, tiny_cfg, tmp_path):
     rows = tmp_path / "results" / "table" / "cpu"
     fp8 = json.loads((rows / "fp8.json").read_text())
     assert fp8["steps"] == 4 and fp8["full_steps"] == 8 and fp8["e2e_projected_s"] > fp8["e2e_s"]
-    assert {"check_s", "dit_weights_s", "engines_s", "encoders_vae_s"} <= set(fp8["load_phases"])
+    assert {"check_s", "dit_weights_s", "engines_s", "encoders_s", "vae_s"} <= set(fp8["load_phases"])
     parts = fp8["encode_s"] + fp8["denoise_s"] + fp8["decode_s"] + fp8["write_s"]
     assert 0 < fp8["write_s"] and parts <= fp8["e2e_s"]  # the end-to-end time is its phases plus small change
     assert fp8["text_s"] + fp8["image_s"] + fp8["vae_encode_s"] <= fp8["encode_s"]
