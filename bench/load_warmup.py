@@ -7,7 +7,8 @@ Why: the engine rows' load went from 9.0 s (dd2454c) to 10.2 s (a4ec982; goal 10
 side thread (while the DiT's weights go to the GPU) and loaded or compiled the VAE's Triton kernels and
 cuDNN's first plans there. Pipeline.warm_up then paid them on the critical path.
 
-Each variant runs in a fresh process (first-call costs are per process), rounds interleaved; the side thread
+Each variant runs in a fresh process (first-call costs are per process), rounds interleaved (the first round
+may pay the host's first Triton compile: read `runs`, not only the medians); the side thread
 (VAE resident, umT5 and CLIP streamed, as `encoders: stream`) is timed, then Pipeline.warm_up at the table's
 request size through the fp8 rows' decode path (256 px tiles, 3 latent frames a pass):
   serial       the VAE loaded and nothing more on the side thread (a4ec982)
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -46,8 +48,7 @@ def child(variant: str, ckpt: Path, model: str, device: str) -> dict:
     def vae(warm: bool):
         m = load_part("vae", ckpt, cfg, dtype=dt, device=dev)
         if warm:
-            with torch.no_grad():
-                m.decode(m.encode(torch.zeros(1, 3, 5, 32, 32, dtype=dt, device=dev)).to(dt))
+            m.warm_up()
         return m
 
     def encoders():
@@ -100,7 +101,7 @@ def main():
             runs[v].append(json.loads(p.stdout.strip().splitlines()[-1]))
             print(r, v, runs[v][-1], flush=True)
     res = {"size": SIZE, "runs": runs}
-    res["median"] = {v: {k: sorted(x[k] for x in rs)[len(rs) // 2] for k in rs[0]} for v, rs in runs.items()}
+    res["median"] = {v: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for v, rs in runs.items()}
     print(json.dumps(res["median"], indent=1))
     print(f"wrote {write_result('load_warmup', res, args.out)}")
 

@@ -92,7 +92,7 @@ def main():
         ),
         "fp8_gemm_32760x5120x13824": lambda: torch._scaled_mm(
             x8, w8.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=True
-        ),  # fmt: skip
+        ),
         "bf16_gemm_32760x5120x13824": lambda: xb @ wb.t(),
         "copy_2GiB": lambda: big.roll(1),
     }
