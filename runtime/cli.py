@@ -23,7 +23,8 @@ def main():
               help="checkpoint directory (official layout); with --engines default: the one they were built from")  # fmt: skip
 @click.option("--engines", type=click.Path(path_type=Path), default=None,
               help="engine directory from `x2v-export build` (default: run the torch models)")  # fmt: skip
-@click.option("--model", default="tiny", show_default=True, help="model config name or YAML path")
+@click.option("--model", default="tiny", show_default=True,
+              help="model config name or YAML path (with --engines: the engines' own)")  # fmt: skip
 @click.option("--image", type=click.Path(path_type=Path), default=None, help="first frame (I2V models)")
 @click.option("--prompt", required=True)
 @click.option("--negative-prompt", default=None, help="default: Wan's negative prompt")
@@ -56,20 +57,22 @@ def generate(ckpt, engines, model, image, prompt, negative_prompt, out, steps, s
 
     from x2v.runtime.checkpoint import CheckpointError
     from x2v.runtime.config import ConfigError, load_model_config
-    from x2v.runtime.engines import EngineError
+    from x2v.runtime.engines import EngineError, read_manifest
     from x2v.runtime.pipeline import InputError, Pipeline, check_output, check_request
 
     try:  # everything cheap first: a bad request fails before any weight is read
-        cfg = load_model_config(model)
-        s = cfg.sample
-        check_request(cfg, image, prompt, frames or s.frames, height or s.height, width or s.width)
-        check_output(out)
-        if engines is not None:
+        if engines is not None:  # the engines say which model they are
             if not Path(engines).is_dir():
                 raise InputError(f"engine directory not found: {engines}")
+            model = read_manifest(engines)["model"]
+        cfg = load_model_config(model)
+        s = cfg.sample
+        check_request(
+            cfg, image, prompt, frames or s.frames, height or s.height, width or s.width, steps, teacache
+        )
+        check_output(out)
+        if engines is not None:
             pipe = Pipeline.from_engines(engines, ckpt, device)
-            cfg, s = pipe.cfg, pipe.cfg.sample
-            check_request(cfg, image, prompt, frames or s.frames, height or s.height, width or s.width)
         else:
             if ckpt is None or not Path(ckpt).is_dir():
                 raise InputError(f"checkpoint directory not found: {ckpt} (give --ckpt, or --engines)")

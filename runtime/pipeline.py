@@ -65,15 +65,34 @@ def check_output(out) -> None:
         raise InputError(f"cannot write the video to {out}: {folder} is not writable")
     if Path(out).is_dir():
         raise InputError(f"cannot write the video to {out}: it is a directory")
+    if Path(out).suffix.lower() != ".mp4":
+        raise InputError(f"the video is written as MP4: give a path ending in .mp4, not {out}")
 
 
 def check_request(
-    cfg: ModelConfig, image, prompt: str, frames: int, height: int, width: int
+    cfg: ModelConfig,
+    image,
+    prompt: str,
+    frames: int,
+    height: int,
+    width: int,
+    steps: int | None = None,
+    teacache: float = 0.0,
 ) -> torch.Tensor | None:
     """Every cheap check of a request, so bad input fails in milliseconds with a one-line message.
 
     Returns the decoded image ([3, H, W] in [-1, 1]) for I2V models, None for T2V.
     """
+    s = cfg.sample
+    if steps is not None and steps < 1:
+        raise InputError(f"steps must be at least 1, got {steps}")
+    if steps is not None and s.solver == "euler" and steps != s.num_steps:  # not silently its own count
+        raise InputError(
+            f"model {cfg.name} samples its {s.num_steps} distilled timesteps {list(s.timesteps)}; steps={steps} "
+            "does not apply"
+        )
+    if teacache < 0:
+        raise InputError(f"the TeaCache threshold must be 0 (off) or positive, got {teacache}")
     if frames < 1 or (frames - 1) % 4:
         raise InputError(f"frames must be 4k+1 (1, 5, ..., 81), got {frames}")
     if height % 16 or width % 16 or height <= 0 or width <= 0:
@@ -352,7 +371,7 @@ class Pipeline:
         s = self.cfg.sample
         frames, height, width = frames or s.frames, height or s.height, width or s.width
         guide_scale = s.guide_scale if guide_scale is None else guide_scale
-        image = check_request(self.cfg, image, prompt, frames, height, width)
+        image = check_request(self.cfg, image, prompt, frames, height, width, steps, teacache)
         decode_tile = self.decode_tile if decode_tile is None else decode_tile
         decode_chunk = self.decode_chunk if decode_chunk is None else decode_chunk
         if decode_tile and not hasattr(self.vae, "decode_tiled"):

@@ -152,6 +152,14 @@ def test_generate_command_runs_engines(engines, tmp_path):
     assert out.stat().st_size > 0 and "9 frames 64x48" in r.output
 
 
+def test_generate_command_checks_the_engine_directory_first(tmp_path):
+    """With --engines the model is the engines' own, so the directory is checked before the request."""
+    r = CliRunner().invoke(runtime_cli, ["generate", "--engines", str(tmp_path / "none"), "--prompt", PROMPT])
+    assert r.exit_code != 0 and "engine directory not found" in r.output, r.output
+    r = CliRunner().invoke(runtime_cli, ["generate", "--engines", str(tmp_path), "--prompt", PROMPT])
+    assert r.exit_code != 0 and "no manifest.json" in r.output, r.output
+
+
 def test_inspect_checks_hashes(engines, tmp_path):
     r = CliRunner().invoke(export_cli, ["inspect", str(engines)])
     assert r.exit_code == 0 and "checkpoint and this node: ok" in r.output, r.output

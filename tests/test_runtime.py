@@ -11,7 +11,7 @@ from x2v.export.load import load_dit
 from x2v.runtime.config import CONFIG_DIR, load_model_config, load_teacache_coefficients
 from x2v.runtime.denoise import Conditioning, denoise
 from x2v.runtime.offload import OnDevice
-from x2v.runtime.pipeline import InputError, Pipeline
+from x2v.runtime.pipeline import InputError, Pipeline, check_request
 from x2v.runtime.sampler import UniPC, euler_schedule, make_sampler, unipc_schedule
 from x2v.runtime.teacache import plan as teacache_plan
 from x2v.runtime.video import Mp4Writer, read_mp4, write_mp4
@@ -225,6 +225,8 @@ def test_an_unwritable_output_fails_before_any_work(pipe, tmp_path):
         pipe.generate(image=EXAMPLE, prompt="x", out=tmp_path / "file" / "v.mp4")
     with pytest.raises(InputError, match="it is a directory"):
         pipe.generate(image=EXAMPLE, prompt="x", out=tmp_path)
+    with pytest.raises(InputError, match="written as MP4: give a path ending in .mp4"):
+        pipe.generate(image=EXAMPLE, prompt="x", out=tmp_path / "v.txt")
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -233,10 +235,22 @@ def test_an_unwritable_output_fails_before_any_work(pipe, tmp_path):
     (dict(image=EXAMPLE, prompt="x", frames=8), r"frames must be 4k\+1"),
     (dict(image=EXAMPLE, prompt="x", height=60), "multiples of 16"),
     (dict(image=None, prompt="x"), "is image-to-video: give an image"),
+    (dict(image=EXAMPLE, prompt="x", steps=0), "steps must be at least 1, got 0"),
+    (dict(image=EXAMPLE, prompt="x", teacache=-0.2), "TeaCache threshold must be 0"),
 ])  # fmt: skip
 def test_bad_requests_fail_fast(pipe, kwargs, message):
     with pytest.raises(InputError, match=message):
         pipe.generate(**kwargs)
+
+
+def test_a_distilled_model_refuses_another_step_count():
+    """The 4-step model samples its own timesteps: a step count that is not theirs is an error, not ignored."""
+    cfg = load_model_config("tiny-distill")
+    with pytest.raises(
+        InputError, match=r"samples its 4 distilled timesteps \[1000, 750, 500, 250\]; steps=8"
+    ):
+        check_request(cfg, EXAMPLE, "x", 9, 48, 64, steps=8)
+    assert check_request(cfg, EXAMPLE, "x", 9, 48, 64, steps=4) is not None  # the decoded image
 
 
 def test_unreadable_image(pipe, tmp_path):
