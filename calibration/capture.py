@@ -84,6 +84,8 @@ def capture(pipe, samples: list[dict], steps_per_run: int, num_steps: int | None
             progress=None) -> list[dict]:  # fmt: skip
     """Run the pipeline on each calibration sample and keep the DiT inputs of `steps_per_run` steps each."""
     n = num_steps or pipe.cfg.sample.num_steps
+    if steps_per_run > n:
+        raise CalibrationError(f"{steps_per_run} captured steps per prompt asked of a {n}-step schedule")
     out, dit = [], pipe.dit
     try:
         for i, s in enumerate(samples):

@@ -49,11 +49,14 @@ def make_checkpoint_cmd(model, out, seed, device, dit_dtype):
               help="calibration set YAML (prompts + images)  [default: calibration/sets/default.yaml]")  # fmt: skip
 @click.option(
     "--steps-per-run",
+    type=click.IntRange(min=1),
     default=4,
     show_default=True,
     help="captured steps per prompt, spread over the schedule",
 )
-@click.option("--steps", type=int, default=None, help="sampling steps per run (default: the model's)")
+@click.option(
+    "--steps", type=click.IntRange(min=1), default=None, help="sampling steps per run (default: the model's)"
+)
 @click.option(
     "--out", type=click.Path(path_type=Path), default=None, help="default: <ckpt>/calibration.safetensors"
 )
@@ -75,7 +78,7 @@ def calibrate(model, ckpt, calib_set, steps_per_run, steps, out, device):
         pipe = Pipeline.load(ckpt, cfg, device=device)
         with tqdm(total=len(samples), desc="calibrate", unit="prompt") as bar:
             records = capture.capture(pipe, samples, steps_per_run, steps, progress=lambda i: bar.update())
-    except (ConfigError, CheckpointError, InputError, capture.CalibrationError) as e:
+    except (ConfigError, CheckpointError, InputError, capture.CalibrationError, FileNotFoundError) as e:
         _fail(e)
     digest = capture.save(
         records, out, {"model": cfg.name, "set": str(calib_set), "steps": steps or cfg.sample.num_steps}

@@ -178,6 +178,8 @@ class Pipeline:
         from x2v.runtime.tokenizer import Tokenizer
 
         t0 = time.perf_counter()
+        if not Path(ckpt).is_dir():
+            raise InputError(f"checkpoint directory not found: {ckpt}")
         cfg = model if isinstance(model, ModelConfig) else load_model_config(model)
         dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
         parts = {

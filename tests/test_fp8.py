@@ -211,3 +211,18 @@ def test_calibrate_and_quantize_commands(tiny_ckpt, tmp_path):
     assert (tiny_ckpt / "dit-fp8-cli.recipe.json").is_file()
     r = run(main, ["quantize", "--ckpt", str(tiny_ckpt), "--calib", str(tmp_path / "none.safetensors")])
     assert r.exit_code == 2 and "calibration capture not found" in r.output
+
+
+def test_calibrate_refuses_what_it_cannot_capture(tiny_ckpt, tmp_path):
+    """Each refusal names the bad input and happens before any sampling."""
+    from click.testing import CliRunner
+
+    from x2v.export.cli import main
+
+    run = CliRunner().invoke
+    r = run(main, ["calibrate", "--ckpt", str(tiny_ckpt), "--steps-per-run", "0"])
+    assert r.exit_code == 2 and "--steps-per-run" in r.output, r.output
+    r = run(main, ["calibrate", "--ckpt", str(tiny_ckpt), "--steps", "4", "--steps-per-run", "6"])
+    assert r.exit_code == 2 and "6 captured steps per prompt asked of a 4-step schedule" in r.output, r.output
+    r = run(main, ["calibrate", "--ckpt", str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and "checkpoint directory not found" in r.output, r.output
