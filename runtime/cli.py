@@ -68,7 +68,15 @@ def generate(ckpt, engines, model, image, prompt, negative_prompt, out, steps, s
         cfg = load_model_config(model)
         s = cfg.sample
         check_request(
-            cfg, image, prompt, frames or s.frames, height or s.height, width or s.width, steps, teacache
+            cfg,
+            image,
+            prompt,
+            frames or s.frames,
+            height or s.height,
+            width or s.width,
+            steps,
+            teacache,
+            vae_tile,
         )
         check_output(out)
         if engines is not None:

@@ -78,6 +78,7 @@ def check_request(
     width: int,
     steps: int | None = None,
     teacache: float = 0.0,
+    decode_tile: int | None = None,
 ) -> torch.Tensor | None:
     """Every cheap check of a request, so bad input fails in milliseconds with a one-line message.
 
@@ -93,6 +94,8 @@ def check_request(
         )
     if teacache < 0:
         raise InputError(f"the TeaCache threshold must be 0 (off) or positive, got {teacache}")
+    if decode_tile is not None and (decode_tile < 0 or decode_tile == 1):  # tiles overlap by a quarter, >= 1
+        raise InputError(f"the VAE tile must be 0 (whole frames) or at least 2 latents, got {decode_tile}")
     if frames < 1 or (frames - 1) % 4:
         raise InputError(f"frames must be 4k+1 (1, 5, ..., 81), got {frames}")
     if height % 16 or width % 16 or height <= 0 or width <= 0:
@@ -180,6 +183,8 @@ class Pipeline:
         t0 = time.perf_counter()
         if not Path(ckpt).is_dir():
             raise InputError(f"checkpoint directory not found: {ckpt}")
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"device {device}: this machine has no CUDA device (torch {torch.__version__})")
         cfg = model if isinstance(model, ModelConfig) else load_model_config(model)
         dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
         parts = {
@@ -373,8 +378,8 @@ class Pipeline:
         s = self.cfg.sample
         frames, height, width = frames or s.frames, height or s.height, width or s.width
         guide_scale = s.guide_scale if guide_scale is None else guide_scale
-        image = check_request(self.cfg, image, prompt, frames, height, width, steps, teacache)
         decode_tile = self.decode_tile if decode_tile is None else decode_tile
+        image = check_request(self.cfg, image, prompt, frames, height, width, steps, teacache, decode_tile)
         decode_chunk = self.decode_chunk if decode_chunk is None else decode_chunk
         if decode_tile and not hasattr(self.vae, "decode_tiled"):
             raise InputError(

@@ -237,6 +237,8 @@ def test_an_unwritable_output_fails_before_any_work(pipe, tmp_path):
     (dict(image=None, prompt="x"), "is image-to-video: give an image"),
     (dict(image=EXAMPLE, prompt="x", steps=0), "steps must be at least 1, got 0"),
     (dict(image=EXAMPLE, prompt="x", teacache=-0.2), "TeaCache threshold must be 0"),
+    (dict(image=EXAMPLE, prompt="x", decode_tile=-3), "VAE tile must be 0 .whole frames. or at least 2 latents, got -3"),
+    (dict(image=EXAMPLE, prompt="x", decode_tile=1), "at least 2 latents, got 1"),
 ])  # fmt: skip
 def test_bad_requests_fail_fast(pipe, kwargs, message):
     with pytest.raises(InputError, match=message):
@@ -251,6 +253,12 @@ def test_a_distilled_model_refuses_another_step_count():
     ):
         check_request(cfg, EXAMPLE, "x", 9, 48, 64, steps=8)
     assert check_request(cfg, EXAMPLE, "x", 9, 48, 64, steps=4) is not None  # the decoded image
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_asking_for_cuda_without_it_is_an_input_error(tiny_ckpt, tiny_cfg):
+    with pytest.raises(InputError, match="device cuda: this machine has no CUDA device"):
+        Pipeline.load(tiny_ckpt, tiny_cfg, device="cuda")
 
 
 def test_unreadable_image(pipe, tmp_path):
