@@ -116,6 +116,13 @@ def build(model: str, ckpt: Path, gpu: str, out: Path, precision: str | None = N
     backend = backend or g.backend
     if backend not in ("aoti", "onnx", "tensorrt"):
         raise BuildError(f"unknown backend {backend!r}; choose aoti, onnx or tensorrt")
+    if backend == "tensorrt":  # before the DiT is read (16 GB at full size), not after
+        from x2v.plugins.tensorrt_plugin import trt_module
+
+        try:
+            trt_module()
+        except ImportError as e:
+            raise BuildError(str(e)) from None
     high = [p for p in g.precisions if p != "fp8"]
     precision = precision or ("fp8" if (dit_file and "fp8" in g.precisions) or not high else high[0])
     if precision not in g.precisions:

@@ -337,3 +337,5 @@ def test_build_refuses_what_it_cannot_honour(tiny_ckpt, tmp_path):
     except ImportError:  # this machine: the TensorRT backend says what it needs instead of failing obscurely
         with pytest.raises(BuildError, match="needs TensorRT"):
             build("tiny", tiny_ckpt, "cpu", tmp_path / "trt", backend="tensorrt", log=lambda s: None)
+        with pytest.raises(BuildError, match="needs TensorRT"):  # said before any checkpoint is read
+            build("tiny", tmp_path / "no-ckpt", "cpu", tmp_path / "trt", backend="tensorrt", log=lambda s: None)
