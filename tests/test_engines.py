@@ -338,4 +338,6 @@ def test_build_refuses_what_it_cannot_honour(tiny_ckpt, tmp_path):
         with pytest.raises(BuildError, match="needs TensorRT"):
             build("tiny", tiny_ckpt, "cpu", tmp_path / "trt", backend="tensorrt", log=lambda s: None)
         with pytest.raises(BuildError, match="needs TensorRT"):  # said before any checkpoint is read
-            build("tiny", tmp_path / "no-ckpt", "cpu", tmp_path / "trt", backend="tensorrt", log=lambda s: None)
+            build(
+                "tiny", tmp_path / "no-ckpt", "cpu", tmp_path / "trt", backend="tensorrt", log=lambda s: None
+            )
