@@ -82,8 +82,8 @@ def generate(ckpt, engines, model, image, prompt, negative_prompt, out, steps, s
         if engines is not None:
             pipe = Pipeline.from_engines(engines, ckpt, device)
         else:
-            if ckpt is None or not Path(ckpt).is_dir():
-                raise InputError(f"checkpoint directory not found: {ckpt} (give --ckpt, or --engines)")
+            if ckpt is None:
+                raise InputError("give --ckpt (a checkpoint directory) or --engines (an engine directory)")
             pipe = Pipeline.load(ckpt, cfg, device=device or "cpu", attn=attn, dit_file=dit_file)
         n = steps or s.num_steps
         with tqdm(total=n, desc="denoise", unit="step") as bar:
