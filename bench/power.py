@@ -24,6 +24,7 @@ import torch
 
 from bench.common import event_ms, write_result
 from x2v.plugins import sage_attention as sage
+from x2v.runtime.config import load_gpu_config
 
 QUERY = "power.draw,power.limit,clocks.sm,clocks.max.sm,temperature.gpu,clocks_event_reasons.sw_power_cap,clocks_event_reasons.hw_slowdown"
 
@@ -79,7 +80,7 @@ def main():
     torch.manual_seed(0)
     b, n, h, d = 1, 32760, 40, 128
     q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    tile = {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}  # configs/gpus/h200.yaml
+    tile = load_gpu_config("h200").sage_tile  # the tile the H200 engines compile with
     x8 = torch.randn(n, 5120, device="cuda").to(torch.float8_e4m3fn)
     w8 = torch.randn(13824, 5120, device="cuda").to(torch.float8_e4m3fn)
     xb, wb = x8.bfloat16(), w8.bfloat16()
