@@ -92,5 +92,5 @@ def load_part(part: str, ckpt: Path, cfg: ModelConfig, dtype=torch.float32, devi
     model = load_strict(build(part, cfg), state, sources, ignore=ignore).to(device)
     model = model.eval().requires_grad_(False)
     if part == "vae" and torch.device(device).type == "cuda":
-        model.to_channels_last()  # warmed at the request's size by Pipeline.warm_up
+        model.to_channels_last()  # warmed by the loaders: WanVAE.warm_up (engine loader), Pipeline.warm_up
     return model
