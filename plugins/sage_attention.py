@@ -242,24 +242,50 @@ def launch(
 
 
 # How the op runs, set before a graph holding it is compiled (export/build.py sets TILE from the GPU config):
-# TILE: the attention kernel's tile ({"BLOCK_M", "num_warps", "num_stages"}), None to autotune;
+# TILE: the attention kernel's tile ({"BLOCK_M", "num_warps", "num_stages"}); None autotunes in compiled graphs
+# and takes the tile of the card's GPU config in eager calls (device_tile); AUTOTUNE autotunes in both;
 # TRACED_QUANT: "kernels" (quantize_pass) or "fused" (torch ops the compiler fuses into the norm/RoPE
 # kernels, quantize_fused) when a compiler traces the op. Eager calls always use the quantization kernels.
 # In the FP8 block engine on an H200 the kernels are 1.1 ms a block faster (49.8 against 51.0 ms,
 # bench/results/block_quant_kernels-h200.json).
-TILE: dict | None = None
+AUTOTUNE = "autotune"
+TILE: dict | str | None = None
 TRACED_QUANT = "kernels"
 
 
 @contextlib.contextmanager
-def pinned_tile(tile: dict | None):
-    """Compile graphs holding the op with this attention tile (None: autotune inside each graph)."""
+def pinned_tile(tile: dict | str | None):
+    """Run and compile the op with this attention tile (None: autotune inside each compiled graph, the card's
+    configured tile in eager calls; AUTOTUNE: autotune everywhere)."""
     global TILE
     old, TILE = TILE, tile
     try:
         yield
     finally:
         TILE = old
+
+
+_device_tiles: dict[int, dict | None] = {}
+
+
+def device_tile(device: torch.device) -> dict | None:
+    """The `sage_tile` of the GPU config that matches this card (None: unknown card or no tile pinned). Eager
+    calls use it so that the torch backend runs the engines' tile instead of autotuning: autotuning every new
+    (Lq, Lk, D) took the first denoising step of the eager Sage rows from about 6 s to 16 and 35 s in the
+    f31eee6 speed table sitting (bench/results/table/h200/sage-*.json)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _device_tiles:
+        from x2v.runtime.config import gpu_config_of
+
+        cfg = gpu_config_of(torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index))
+        _device_tiles[index] = None if cfg is None else cfg.sage_tile
+        if _device_tiles[index] is None:
+            log.warning(
+                "SageAttention: no GPU config pins a tile for %s; the kernel autotunes on the first call of "
+                "each shape (seconds each)",
+                torch.cuda.get_device_name(index),
+            )
+    return _device_tiles[index]
 
 
 def _traced(t: torch.Tensor) -> bool:
@@ -275,10 +301,19 @@ def _sage_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 
     from x2v.plugins import sage_kernels as K
 
-    quant = quantize_fused if TRACED_QUANT == "fused" and _traced(q) else None
-    if TILE is None:
+    traced = _traced(q)
+    quant = quantize_fused if TRACED_QUANT == "fused" and traced else None
+    tile = _tile(q, traced)
+    if tile is None:
         return launch(q, k, v, wrap_triton, K.attn_kernel, quant)
-    return launch(q, k, v, wrap_triton, K.attn_body, quant, **TILE)
+    return launch(q, k, v, wrap_triton, K.attn_body, quant, **tile)
+
+
+def _tile(q: torch.Tensor, traced: bool) -> dict | None:
+    """The attention tile for this call (TILE's rules above); None autotunes."""
+    if TILE == AUTOTUNE:
+        return None
+    return TILE if TILE is not None or traced else device_tile(q.device)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -308,10 +343,11 @@ def _sage_attention_rope_op(qp: torch.Tensor, kp: torch.Tensor, v: torch.Tensor,
 
     out = torch.empty_like(v)
     packed = prepare_pass(qp, kp, v, wq, wk, cos, sin, num_heads, eps)
-    if TILE is None:
+    tile = _tile(v, _traced(v))
+    if tile is None:
         attend(*packed, out, wrap_triton, K.attn_kernel)
     else:
-        attend(*packed, out, wrap_triton, K.attn_body, **TILE)
+        attend(*packed, out, wrap_triton, K.attn_body, **tile)
     return out
 
 

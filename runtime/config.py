@@ -316,6 +316,15 @@ def load_gpu_config(name: str) -> GPUConfig:
     return cfg
 
 
+def gpu_config_of(device_name: str, capability: tuple[int, int] | None) -> GPUConfig | None:
+    """The GPU config whose `match` and capability identify this device, or None for an unknown card."""
+    for name in known_gpus():
+        cfg = load_gpu_config(name)
+        if cfg.capability is not None and cfg.matches(device_name, capability):
+            return cfg
+    return None
+
+
 def current_gpu() -> tuple[str, tuple[int, int] | None]:
     """(device name, compute capability) of the CUDA device in use, or ('cpu', None)."""
     import torch

@@ -97,6 +97,32 @@ def test_cpu_falls_back_to_sdpa_and_says_so_once(caplog):
     )
 
 
+def test_the_card_is_found_by_its_gpu_config():
+    from x2v.runtime.config import gpu_config_of
+
+    assert gpu_config_of("NVIDIA H200", (9, 0)).name == "h200"
+    assert gpu_config_of("NVIDIA H100 80GB HBM3", (9, 0)).name == "h100"
+    assert gpu_config_of("NVIDIA H100 80GB HBM3", (8, 0)) is None  # the capability must match too
+    assert gpu_config_of("NVIDIA B200", (10, 0)) is None
+    assert gpu_config_of("cpu", None) is None  # the CPU config describes no card
+
+
+def test_eager_calls_take_the_cards_tile_and_compiled_graphs_autotune(monkeypatch):
+    from x2v.runtime.config import load_gpu_config
+
+    h200 = load_gpu_config("h200").sage_tile
+    monkeypatch.setattr(sage, "device_tile", lambda device: h200)
+    q = torch.empty(1, 64, 2, 128)
+    assert sage._tile(q, traced=False) == h200  # eager: as the engines compile it, no autotuning
+    assert sage._tile(q, traced=True) is None  # a graph without a pinned tile autotunes inside
+    pinned = {"BLOCK_M": 128, "num_warps": 8, "num_stages": 2}
+    with sage.pinned_tile(pinned):
+        assert sage._tile(q, traced=False) == sage._tile(q, traced=True) == pinned
+    with sage.pinned_tile(sage.AUTOTUNE):
+        assert sage._tile(q, traced=False) is None and sage._tile(q, traced=True) is None
+    assert sage.TILE is None
+
+
 def test_dit_swaps_attention_in_one_place(tiny_ckpt, tiny_cfg):
     from x2v.export.load import load_dit
 
