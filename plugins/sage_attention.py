@@ -277,13 +277,14 @@ def device_tile(device: torch.device) -> dict | None:
     if index not in _device_tiles:
         from x2v.runtime.config import gpu_config_of
 
-        cfg = gpu_config_of(torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index))
+        name = torch.cuda.get_device_name(index)
+        cfg = gpu_config_of(name, torch.cuda.get_device_capability(index))
         _device_tiles[index] = None if cfg is None else cfg.sage_tile
         if _device_tiles[index] is None:
             log.warning(
                 "SageAttention: no GPU config pins a tile for %s; the kernel autotunes on the first call of "
                 "each shape (seconds each)",
-                torch.cuda.get_device_name(index),
+                name,
             )
     return _device_tiles[index]
 
@@ -299,14 +300,10 @@ def _traced(t: torch.Tensor) -> bool:
 def _sage_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     from torch.library import wrap_triton
 
-    from x2v.plugins import sage_kernels as K
-
     traced = _traced(q)
     quant = quantize_fused if TRACED_QUANT == "fused" and traced else None
-    tile = _tile(q, traced)
-    if tile is None:
-        return launch(q, k, v, wrap_triton, K.attn_kernel, quant)
-    return launch(q, k, v, wrap_triton, K.attn_body, quant, **tile)
+    kernel, config = _kernel(q, traced)
+    return launch(q, k, v, wrap_triton, kernel, quant, **config)
 
 
 def _tile(q: torch.Tensor, traced: bool) -> dict | None:
@@ -314,6 +311,14 @@ def _tile(q: torch.Tensor, traced: bool) -> dict | None:
     if TILE == AUTOTUNE:
         return None
     return TILE if TILE is not None or traced else device_tile(q.device)
+
+
+def _kernel(q: torch.Tensor, traced: bool):
+    """(attention kernel, launch config) for this call: attn_body at the tile, or attn_kernel to autotune."""
+    from x2v.plugins import sage_kernels as K
+
+    tile = _tile(q, traced)
+    return (K.attn_kernel, {}) if tile is None else (K.attn_body, tile)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -339,15 +344,10 @@ def _sage_attention_rope_op(qp: torch.Tensor, kp: torch.Tensor, v: torch.Tensor,
     -> [B, L, H, D]."""
     from torch.library import wrap_triton
 
-    from x2v.plugins import sage_kernels as K
-
     out = torch.empty_like(v)
     packed = prepare_pass(qp, kp, v, wq, wk, cos, sin, num_heads, eps)
-    tile = _tile(v, _traced(v))
-    if tile is None:
-        attend(*packed, out, wrap_triton, K.attn_kernel)
-    else:
-        attend(*packed, out, wrap_triton, K.attn_body, **tile)
+    kernel, config = _kernel(v, _traced(v))
+    attend(*packed, out, wrap_triton, kernel, **config)
     return out
 
 
