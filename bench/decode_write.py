@@ -1,20 +1,22 @@
 """VAE decode + MP4 write: one after the other against streamed (each decoded chunk encoded at once), side by
 side, for whole-frame and tiled decodes and latent frames per decoder pass (chunk).
 
-    python bench/decode_write.py [--out DIR]     (writes decode_write-<card>.json)
+    python bench/decode_write.py [--out DIR] [--name decode_write]     (writes NAME-<card>.json)
 
 The full-size Wan2.1 VAE (random weights, bf16, channels-last as loaded on GPUs) decodes 21 latent frames of
 544 x 720 (81 frames). Settings, rounds alternating them:
   - after: whole frames a latent frame a chunk, then `write_mp4`;
   - streamed: the same, every chunk handed to an `Mp4Writer` whose thread encodes it while the next chunk
-    decodes (the distill row); streamed_chunk2/3: 2 or 3 latent frames a decoder pass;
-  - tiled_after: 32-latent tiles, each through all frames, then the write (the fp8 rows); tiled_after_chunk3:
-    3 latent frames a pass within each tile.
+    decodes; streamed_chunk3: 3 latent frames a decoder pass (the distill row);
+  - tiled32_after_chunk3: 32-latent tiles (3 x 4 at this size), each through all frames, then the write (what the
+    fp8 rows did up to commit 772f488);
+  - tiled32_chunk3, tiled64_chunk3: 32- and 64-latent tiles (2 x 2) overlapping by 8 latents, the MP4 fed chunk
+    by chunk while the last tile completes the frames.
 Each records decode and write seconds and the peak GPU memory allocated during the call above what was
-allocated before it, and the largest difference of its frames from the chunk-1 frames of its kind (whole or
-tiled). Random weights decode to noise, x264's worst case. A tiled decode by frame (every tile a latent frame
-at a time, so frames could stream to the MP4) was measured at commit 1e3985e and dropped:
-`decode_write_by_frame-h200.json`.
+allocated before it, and the largest difference of its frames from the reference frames of its kind (whole
+frames: chunk 1; tiles: the same tile size written after). Random weights decode to noise, x264's worst case.
+A tiled decode by frame (every tile a latent frame at a time, all their caches alive) was measured at commit
+1e3985e and dropped: `decode_write_by_frame-h200.json`.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--name", default="decode_write", help="result file: NAME-<card>.json")
     args = ap.parse_args()
     cfg = load_model_config("i2v-14b-480p")
     vae = random_part("vae", cfg).to_channels_last()  # as load_part leaves it on GPUs
@@ -71,23 +74,24 @@ def main():
     def whole(chunk):
         return lambda on_frames: vae.decode(z, chunk=chunk, on_frames=on_frames)
 
-    def tiled(chunk):
-        return lambda on_frames: vae.decode_tiled(z, 32, 8, chunk, on_frames=on_frames)
+    def tiled(size, chunk):
+        return lambda on_frames: vae.decode_tiled(z, size, 8, chunk, on_frames=on_frames)
 
-    settings = {"after": (whole(1), False), "streamed": (whole(1), True), "streamed_chunk2": (whole(2), True),
-                "streamed_chunk3": (whole(3), True), "tiled_after": (tiled(1), False),
-                "tiled_after_chunk3": (tiled(3), False)}  # fmt: skip
+    settings = {"after": (whole(1), False), "streamed": (whole(1), True), "streamed_chunk3": (whole(3), True),
+                "tiled32_after_chunk3": (tiled(32, 3), False), "tiled32_chunk3": (tiled(32, 3), True),
+                "tiled64_after_chunk3": (tiled(64, 3), False), "tiled64_chunk3": (tiled(64, 3), True)}  # fmt: skip
+    kind = lambda name: name.split("_")[0] if name.startswith("tiled") else "whole"
     runs = {name: [] for name in settings}
     ref = {}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         for name, (decode, stream) in settings.items():  # warm-up: cuDNN plans, x264 start-up
             frames, _ = run(decode, Path(tmp) / "warm.mp4", stream)
-            ref.setdefault(name.startswith("tiled"), frames)
+            ref.setdefault(kind(name), frames)
         for i in range(args.rounds):
             for name, (decode, stream) in settings.items():
                 frames, t = run(decode, Path(tmp) / f"{name}{i}.mp4", stream)
-                t["same_frames"] = bool(np.array_equal(frames, ref[name.startswith("tiled")]))
-                t["max_frame_diff"] = int(np.abs(frames.astype(int) - ref[name.startswith("tiled")]).max())
+                t["same_frames"] = bool(np.array_equal(frames, ref[kind(name)]))
+                t["max_frame_diff"] = int(np.abs(frames.astype(int) - ref[kind(name)]).max())
                 t["mp4_bytes"] = (Path(tmp) / f"{name}{i}.mp4").stat().st_size
                 runs[name].append(t)
                 print(f"round {i} {name:14s} decode {t['decode_s']:.2f} s, then write {t['write_s']:.2f} s, "
@@ -98,9 +102,9 @@ def main():
         for n, rs in runs.items()
     }
     print("median total: " + ", ".join(f"{n} {m['total_s']:.2f} s" for n, m in med.items()))
-    tiled_diff = int(np.abs(ref[True].astype(int) - ref[False]).max())
-    path = write_result("decode_write", {"latents": list(z.shape), "frames": int(ref[False].shape[0]), "runs": runs,
-                                         "median": med, "tiled_vs_whole_max_frame_diff": tiled_diff}, args.out)  # fmt: skip
+    diff = {k: int(np.abs(v.astype(int) - ref["whole"]).max()) for k, v in ref.items() if k != "whole"}
+    path = write_result(args.name, {"latents": list(z.shape), "frames": int(ref["whole"].shape[0]), "runs": runs,
+                                         "median": med, "tiled_vs_whole_max_frame_diff": diff}, args.out)  # fmt: skip
     print(f"wrote {path}")
 
 

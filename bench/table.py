@@ -9,7 +9,7 @@ Rows (the published table's configurations, run through x2v):
                 fp16 CLIP, fp32 VAE, untiled decode, everything on the GPU
   sage-mixed    SageAttention, bf16 with the sensitive layers (embeddings, time, modulation, head) in fp32
   sage-bf16     SageAttention, all bf16
-  fp8           the built engines (FP8 DiT + SageAttention), bf16 encoders, VAE decoded in 256 px tiles
+  fp8           the built engines (FP8 DiT + SageAttention), bf16 encoders, VAE decoded in 512 px tiles
                 (where the VAE runs as a torch module, i.e. AOTInductor builds)
   fp8-teacache  fp8 + TeaCache 0.2 (the skip schedule random weights give: see `steps_computed`)
   fp8-teacache-published  fp8 with the schedule the published 0.2 run implies (22 of 40 steps computed)
@@ -75,8 +75,8 @@ def load_row(row: str, cfg, ckpt: Path, engines: Path | None, device: str, vae_t
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(25)
         pipe.load_profile = text.getvalue().splitlines()[-40:]
-        # the published fp8 rows decode in tiles; distill whole frames (1.06 s against 2.15 s in tiles, MP4
-        # included: results/decode_write-h200.json)
+        # the published fp8 rows decode in tiles (64 latents: 2 x 2 at 544 x 720, 1.22x the frame's area against
+        # 1.59x for 3 x 4 tiles of 32: results/decode_write-h200.json); distill whole frames
         pipe.decode_tile = vae_tile if row.startswith("fp8") and hasattr(pipe.vae, "decode_tiled") else None
         return warmed(pipe, contextlib.nullcontext())
     cuda = device == "cuda"
@@ -215,7 +215,7 @@ def run_row(args) -> dict:
         result = pipe.generate(image=IMAGE if cfg.dit.i2v else None, prompt=PROMPT, out=work / f"{args.row}.mp4",
                                progress=lambda i: (sync(), marks.append(time.perf_counter())), **kw)  # fmt: skip
     e2e = time.perf_counter() - t0
-    row = {"row": args.row, "model": cfg.name, "steps": result.steps_total, "steps_computed": result.steps_computed,
+    row = {"row": args.row, "model": cfg.name, "vae_tile": pipe.decode_tile, "steps": result.steps_total, "steps_computed": result.steps_computed,
            "full_steps": full, "teacache": result.teacache, "load_s": pipe.load_s, "load_phases": pipe.load_phases, "e2e_s": e2e,
            **{k: v for k, v in result.timings.items() if k != "load_s"}, **driver}  # fmt: skip
     if hasattr(pipe, "load_profile"):
@@ -321,6 +321,10 @@ def render(args) -> Path:
             f"{b['pre_ms']:.0f} / {b['blocks_ms']:.0f} / {b['post_ms']:.0f} | "
             f"{r['encode_s']:.2f} / {r['decode_s']:.2f} / {fmt(r.get('write_s'), '.2f')} |"
         )
+    tile = lambda r: (
+        ("none" if r["vae_tile"] is None else r["vae_tile"]) if "vae_tile" in r else "not recorded"
+    )
+    tiles = ", ".join(f"{n} {tile(rows[n])}" for n in ROWS if n in rows)
     env = next(iter(rows.values()))["env"]
     commits = ", ".join(sorted({r["env"]["git_commit"][:7] for r in rows.values()}))
     lines += ["", f"Card {env['card']}, driver {env.get('driver', '-')}, torch {env['torch']}, commits {commits}.",
@@ -331,8 +335,8 @@ def render(args) -> Path:
               "most; driver: the device's used memory at most (CUDA context included), sampled every 50 ms, where recorded.",
               "fp8-teacache: TeaCache 0.2 on random weights; how many steps a full schedule computes depends on the "
               "trajectory, so it is neither projected nor compared. distill: the 4-step model, no guidance (its own "
-              "full schedule), so it has no fidelity against the 40-step baseline; it decodes whole frames, the fp8 rows "
-              "in 256 px tiles as the published ones.",
+              "full schedule), so it has no fidelity against the 40-step baseline; it decodes whole frames.",
+              f"VAE decode tiles (latents, 8 px each; none: whole frames): {tiles}.",
               "MP4: what writing the file adds after the last frame is decoded."]  # fmt: skip
     missing = [n for n in ROWS if n not in rows]
     if missing:
@@ -379,7 +383,7 @@ def main():
     ap.add_argument(
         "--work", default="/tmp/x2v-table", help="where rows keep outputs for the fidelity columns"
     )
-    ap.add_argument("--vae-tile", type=int, default=32, help="fp8 rows: VAE decode tile in latents (256 px)")
+    ap.add_argument("--vae-tile", type=int, default=64, help="fp8 rows: VAE decode tile in latents (512 px)")
     ap.add_argument("--card", default=None)
     ap.add_argument("--out", default=None, help="results root (default bench/results)")
     args = ap.parse_args()

@@ -29,7 +29,8 @@ echo "=== part $part $(date -u +%FT%TZ) commit ${X2V_GIT_COMMIT:-unknown}"
 case "$part" in
   1) [ -f "$CKPT/Wan2.1_VAE.pth" ] || export2 make-checkpoint --model i2v-14b-480p --out "$CKPT" --device cuda
      row baseline ;;                                                   # ~60 s + 40 steps x ~7 s
-  2) row sage-mixed; row sage-bf16 ;;
+  2) row sage-mixed; row sage-bf16
+     python3 bench/decode_write.py --out "$OUT" --name decode_write_tiles ;;  # the fp8 rows' decode tiles, side by side
   3) python3 -c "import modelopt.torch.quantization"  # fail before calibrating, not after (a missing dependency cost a call)
      export2 calibrate --model i2v-14b-480p --ckpt "$CKPT" --steps 4 --steps-per-run 2 --device cuda
      export2 quantize --model i2v-14b-480p --ckpt "$CKPT" --device cuda ;;

@@ -181,7 +181,9 @@ def build(model: str, ckpt: Path, gpu: str, out: Path, precision: str | None = N
     entries = {}
     # `time` does not depend on the resolution: it is traced at a minimal latent of one patch grid
     minimal = (1, cfg.vae.z_dim, 1, 2 * cfg.dit.patch_size[1], 2 * cfg.dit.patch_size[2])
-    jobs = [("time", None)] + [(e, s) for s in shapes for e in ("pre", "block", "post")]
+    # the block's halves serve guided sampling (block 0's self-attention shared by the branches)
+    per_shape = ("pre", "block", "post") + (E.HALVES if cfg.sample.guide_scale != 1.0 else ())
+    jobs = [("time", None)] + [(e, s) for s in shapes for e in per_shape]
     # The GPU's measured SageAttention tile (configs/gpus): no autotuning inside each engine build.
     with sage.pinned_tile(g.sage_tile):
         for engine, shape in jobs:
@@ -198,7 +200,7 @@ def build(model: str, ckpt: Path, gpu: str, out: Path, precision: str | None = N
                 E.export_onnx(dit, engine, latent, out / Path(file).with_suffix(".onnx"), g.device)
                 if backend == "tensorrt":
                     compile_onnx(out / Path(file).with_suffix(".onnx"), out / file, g)
-            wstate = (dit.blocks[0] if engine == "block" else dit).state_dict()
+            wstate = (dit.blocks[0] if engine.startswith("block") else dit).state_dict()
             weights = [[n, dtype_name(wstate[n].dtype)] for n in E.weight_names(dit, engine)]
             entries[key] = entry(out / file, digest, names, acts, E.OUTPUTS[engine], weights,
                                  time.perf_counter() - t1, log, key)  # fmt: skip

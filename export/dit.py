@@ -197,10 +197,19 @@ class WanBlock(nn.Module):
 
     def forward(self, x, e0, context, cos, sin):
         """x [B, L, C] float32 residual stream; e0 [B, 6, C] float32; context [B, Lc, C]; cos/sin [L, D/2]."""
+        return self.rest(self.attend(x, e0, cos, sin), e0, context)
+
+    def attend(self, x, e0, cos, sin):
+        """The self-attention half: everything the block computes before it sees the text. In block 0 the
+        guidance branches of a step enter with the same tokens and timestep, so they can share it."""
+        shift1, scale1, gate1 = (self.modulation[:, :3].float() + e0[:, :3]).chunk(3, dim=1)
+        y = self.self_attn((self.norm1(x) * (1 + scale1) + shift1).to(self.dtype), cos, sin)
+        return x + y.float() * gate1
+
+    def rest(self, x, e0, context):
+        """Cross-attention and FFN: the half that sees the text."""
         dt = self.dtype
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
-        y = self.self_attn((self.norm1(x) * (1 + scale1) + shift1).to(dt), cos, sin)
-        x = x + y.float() * gate1
+        shift2, scale2, gate2 = (self.modulation[:, 3:].float() + e0[:, 3:]).chunk(3, dim=1)
         x = x + self.cross_attn(self.norm3(x).to(dt), context.to(dt)).float()
         y = self.ffn((self.norm2(x) * (1 + scale2) + shift2).to(dt))
         return x + y.float() * gate2
@@ -287,9 +296,15 @@ class WanDiT(nn.Module):
         cos, sin = rope_tables(grid, self.cfg.head_dim, device=x.device)
         return tokens, e, e0, ctx, cos, sin
 
-    def run_blocks(self, x, e0, context, cos, sin) -> torch.Tensor:
-        """All blocks in order: what TeaCache skips."""
-        for block in self.blocks:
+    def run_blocks(self, x, e0, context, cos, sin, shared: dict | None = None) -> torch.Tensor:
+        """All blocks in order: what TeaCache skips. shared: see runtime.denoise.dit_call."""
+        blocks = iter(self.blocks)
+        if shared is not None:
+            first = next(blocks)
+            if "tokens" not in shared:
+                shared["tokens"] = first.attend(x, e0, cos, sin)
+            x = first.rest(shared["tokens"], e0, context)
+        for block in blocks:
             x = block(x, e0, context, cos, sin)
         return x
 

@@ -1,8 +1,10 @@
-"""The DiT as four engines with weights as inputs: `time`, `pre`, `block`, `post`.
+"""The DiT as engines with weights as inputs: `time`, `pre`, `block`, `post`, and for models sampled with
+guidance `block_attn` and `block_rest`, the two halves of a block.
 
 Each engine is a plain function of (activations..., weights...). One `block` engine serves all blocks: the
 runtime passes block i's tensors from the checkpoint, so plans hold no weights, build once, and TeaCache
-can skip the block calls. `time` is tiny and separate so the TeaCache schedule is computed up front.
+can skip the block calls. `time` is tiny and separate so the TeaCache schedule is computed up front. The
+halves let the guidance branches of a step share block 0's self-attention (runtime.denoise.dit_call).
 
 Backends: `aoti` (torch.export + AOTInductor `.pt2`, the compiled engine measured on H100/H200), `onnx`
 (ONNX graphs; run by ONNX Runtime on CPU, and the input of the TensorRT builder in export/tensorrt.py).
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 ENGINES = ("time", "pre", "block", "post")
+HALVES = ("block_attn", "block_rest")  # every block engine takes the whole block's weights
 PREFIXES = {
     "time": ("time_embedding.", "time_projection."),
     "pre": ("patch_embedding.", "text_embedding.", "time_embedding.", "time_projection.", "img_emb."),
@@ -26,6 +29,8 @@ OUTPUTS = {
     "time": ["e", "e0"],
     "pre": ["tokens", "e", "e0", "context_emb", "rope_cos", "rope_sin"],
     "block": ["tokens_out"],
+    "block_attn": ["tokens_mid"],
+    "block_rest": ["tokens_out"],
     "post": ["flow"],
 }
 
@@ -48,17 +53,18 @@ class _Call(nn.Module):
 
 
 def weight_names(dit, engine: str) -> list[str]:
-    """Checkpoint keys an engine reads, relative to a block for `block`."""
-    if engine == "block":
+    """Checkpoint keys an engine reads, relative to a block for the block engines."""
+    if engine.startswith("block"):
         return list(dit.blocks[0].state_dict(keep_vars=True))
     return [k for k in dit.state_dict(keep_vars=True) if k.startswith(PREFIXES[engine])]
 
 
 def engine_module(dit, engine: str, grid=None) -> nn.Module:
     names = weight_names(dit, engine)
-    methods = {"block": type(dit.blocks[0]).forward, "time": type(dit).time, "pre": type(dit).pre,
-               "post": lambda m, x, e: type(m).post(m, x, e, grid)}  # fmt: skip
-    return _Call(dit.blocks[0] if engine == "block" else dit, methods[engine], names).eval()
+    block = type(dit.blocks[0])
+    methods = {"block": block.forward, "block_attn": block.attend, "block_rest": block.rest, "time": type(dit).time,
+               "pre": type(dit).pre, "post": lambda m, x, e: type(m).post(m, x, e, grid)}  # fmt: skip
+    return _Call(dit.blocks[0] if engine.startswith("block") else dit, methods[engine], names).eval()
 
 
 def example_inputs(
@@ -82,16 +88,29 @@ def example_inputs(
             names += ["clip_fea", "y"]
             vals += [r(b, cfg.clip_tokens, cfg.clip_dim, dt=dtype), r(b, cfg.in_dim - 16, f, h, w)]
         return names, vals
+    c2 = cfg.head_dim // 2
     if engine == "block":
-        c2 = cfg.head_dim // 2
         return (["tokens", "e0", "context_emb", "rope_cos", "rope_sin"],
                 [r(b, n, cfg.dim), r(b, 6, cfg.dim), r(b, lc, cfg.dim, dt=dtype), r(n, c2), r(n, c2)])  # fmt: skip
+    if engine == "block_attn":
+        return ["tokens", "e0", "rope_cos", "rope_sin"], [
+            r(b, n, cfg.dim),
+            r(b, 6, cfg.dim),
+            r(n, c2),
+            r(n, c2),
+        ]
+    if engine == "block_rest":
+        return ["tokens", "e0", "context_emb"], [
+            r(b, n, cfg.dim),
+            r(b, 6, cfg.dim),
+            r(b, lc, cfg.dim, dt=dtype),
+        ]
     return ["tokens", "e"], [r(b, n, cfg.dim), r(b, cfg.dim)]
 
 
 def engine_weights(dit, engine: str) -> list[torch.Tensor]:
-    """The weight tensors (block 0 for `block`) in the order the engine takes them."""
-    state = (dit.blocks[0] if engine == "block" else dit).state_dict()
+    """The weight tensors (block 0's for the block engines) in the order the engine takes them."""
+    state = (dit.blocks[0] if engine.startswith("block") else dit).state_dict()
     return [state[k] for k in weight_names(dit, engine)]
 
 

@@ -371,29 +371,40 @@ class WanVAE(nn.Module):
     ) -> torch.Tensor:
         """decode() in spatial tiles of `tile` x `tile` latents overlapping by `overlap`, blended linearly:
         activation memory of one tile instead of the whole frame. Equal to decode() when one tile covers it.
-        on_frames gets the whole video at the end (tiles are decoded one after the other through all frames,
-        so that one tile's causal cache is alive at a time)."""
-        _, _, _, h, w = z.shape
+        Tiles are decoded one after the other through all frames, so that one tile's causal cache is alive at
+        a time; the last tile completes the frames chunk by chunk, and on_frames gets each chunk's frames as
+        they complete (the MP4 encodes them while the rest of that tile decodes)."""
+        _, _, t, h, w = z.shape
         if h <= tile and w <= tile:
             return self.decode(z, chunk, on_frames)
         if not 0 < overlap < tile:
             raise ValueError(f"tile overlap must be in (0, {tile}), got {overlap}")
-        out = weight = None
-        for y0, y1 in _tiles(h, tile, overlap):
-            for x0, x1 in _tiles(w, tile, overlap):
-                part = self.decode(z[:, :, :, y0:y1, x0:x1], chunk)
-                ramp = 8 * overlap
-                wy = _ramp(8 * (y1 - y0), ramp if y0 > 0 else 0, ramp if y1 < h else 0, part.device)
-                wx = _ramp(8 * (x1 - x0), ramp if x0 > 0 else 0, ramp if x1 < w else 0, part.device)
-                wgt = wy[:, None] * wx[None, :]
-                if out is None:
-                    out = part.new_zeros(*part.shape[:3], 8 * h, 8 * w)
-                    weight = part.new_zeros(8 * h, 8 * w)
-                out[..., 8 * y0 : 8 * y1, 8 * x0 : 8 * x1] += part * wgt
-                weight[8 * y0 : 8 * y1, 8 * x0 : 8 * x1] += wgt
-        out = out / weight
-        if on_frames is not None:
-            on_frames(out)
+        tiles = [(ys, xs) for ys in _tiles(h, tile, overlap) for xs in _tiles(w, tile, overlap)]
+        weight = torch.zeros(8 * h, 8 * w, device=z.device)
+        blend = []
+        for (y0, y1), (x0, x1) in tiles:
+            ramp = 8 * overlap
+            wy = _ramp(8 * (y1 - y0), ramp if y0 > 0 else 0, ramp if y1 < h else 0, z.device)
+            wx = _ramp(8 * (x1 - x0), ramp if x0 > 0 else 0, ramp if x1 < w else 0, z.device)
+            region = (..., slice(8 * y0, 8 * y1), slice(8 * x0, 8 * x1))
+            blend.append((region, wy[:, None] * wx[None, :]))
+            weight[region[1:]] += blend[-1][1]
+        out = torch.zeros(z.shape[0], 3, 4 * (t - 1) + 1, 8 * h, 8 * w, device=z.device)
+        for ((y0, y1), (x0, x1)), (region, wgt) in zip(tiles[:-1], blend):
+            out[region] += self.decode(z[..., y0:y1, x0:x1], chunk) * wgt
+        (y0, y1), (x0, x1) = tiles[-1]
+        region, wgt = blend[-1]
+        done = [0]
+
+        def complete(part: torch.Tensor) -> None:  # this chunk's frames now have every tile's share
+            frames = out[:, :, done[0] : done[0] + part.shape[2]]
+            frames[region] += part * wgt
+            frames /= weight
+            done[0] += part.shape[2]
+            if on_frames is not None:
+                on_frames(frames)
+
+        self.decode(z[..., y0:y1, x0:x1], chunk, on_frames=complete)
         return out
 
     def decode(self, z: torch.Tensor, chunk: int | None = 1, on_frames=None) -> torch.Tensor:

@@ -296,8 +296,16 @@ class EngineDiT:
         inputs = [x, t, context] + ([clip_fea, y] if clip_fea is not None else [])
         return tuple(self._run("pre", self.profile, inputs, self.weights["pre"]))
 
-    def run_blocks(self, x, e0, context, cos, sin):
-        for w in self.weights["blocks"]:
+    def run_blocks(self, x, e0, context, cos, sin, shared: dict | None = None):
+        """shared: see runtime.denoise.dit_call; needs the block_attn/block_rest engines (built for models
+        sampled with guidance), else every branch runs whole blocks."""
+        blocks = iter(self.weights["blocks"])
+        if shared is not None and f"block_attn@{self.profile}" in self.engines:
+            w = next(blocks)
+            if "tokens" not in shared:
+                (shared["tokens"],) = self._run("block_attn", self.profile, [x, e0, cos, sin], w)
+            (x,) = self._run("block_rest", self.profile, [shared["tokens"], e0, context], w)
+        for w in blocks:
             (x,) = self._run("block", self.profile, [x, e0, context, cos, sin], w)
         return x
 
@@ -309,8 +317,9 @@ class EngineDiT:
     def warm_up(self) -> None:
         """Call every engine once on zeros of its built shapes (a block engine with block 0's weights), so
         that loading its kernels and cuBLAS's first-call work happen at load, not in a request's first step."""
+        block0 = next(iter(self.weights["blocks"]))
         weights = {"time": self.weights["time"], "pre": self.weights["pre"], "post": self.weights["post"],
-                   "block": next(iter(self.weights["blocks"]))}  # fmt: skip
+                   "block": block0, "block_attn": block0, "block_rest": block0}  # fmt: skip
         for key, e in self.m["engines"].items():
             name, _, profile = key.partition("@")
             if name in weights:

@@ -69,6 +69,11 @@ def check_output(out) -> None:
         raise InputError(f"the video is written as MP4: give a path ending in .mp4, not {out}")
 
 
+def tile_overlap(tile: int) -> int:
+    """Latents that neighbouring VAE decode tiles of `tile` latents share."""
+    return min(8, max(tile // 4, 1))
+
+
 def check_request(
     cfg: ModelConfig,
     image,
@@ -94,7 +99,7 @@ def check_request(
         )
     if teacache < 0:
         raise InputError(f"the TeaCache threshold must be 0 (off) or positive, got {teacache}")
-    if decode_tile is not None and (decode_tile < 0 or decode_tile == 1):  # tiles overlap by a quarter, >= 1
+    if decode_tile is not None and (decode_tile < 0 or decode_tile == 1):  # tiles overlap by >= 1
         raise InputError(f"the VAE tile must be 0 (whole frames) or at least 2 latents, got {decode_tile}")
     if frames < 1 or (frames - 1) % 4:
         raise InputError(f"frames must be 4k+1 (1, 5, ..., 81), got {frames}")
@@ -372,7 +377,7 @@ class Pipeline:
                  width: int | None = None, batch_cfg: bool = True, decode_chunk: int | None = None,
                  decode_tile: int | None = None, progress=None, skip_plan=None, out: str | Path | None = None) -> Result:  # fmt: skip
         """skip_plan: an explicit TeaCachePlan (e.g. a published schedule) instead of computing one.
-        decode_tile: decode the video in spatial tiles of this many latents (a quarter overlapping).
+        decode_tile: decode the video in spatial tiles of this many latents (overlapping by tile_overlap).
         out: also write the MP4 there, encoding each decoded chunk while the next one decodes (whole-frame
         decode; tiled and engine VAEs hand over the video at the end); complete when generate returns."""
         s = self.cfg.sample
@@ -469,10 +474,11 @@ class Pipeline:
             )
 
     def _decode(self, z: torch.Tensor, tile: int | None, chunk: int | None, on_frames=None) -> torch.Tensor:
-        """The VAE decode requests take (and warm_up rehearses): in spatial tiles a quarter overlapping, or
-        whole frames."""
+        """The VAE decode requests take (and warm_up rehearses): in spatial tiles overlapping by a quarter, at
+        most 8 latents (64 px: what the 32-latent tiles blend over; a wider overlap only adds area), or whole
+        frames."""
         if tile:
-            return self.vae.decode_tiled(z, tile, max(tile // 4, 1), chunk, on_frames=on_frames)
+            return self.vae.decode_tiled(z, tile, tile_overlap(tile), chunk, on_frames=on_frames)
         return self.vae.decode(z, chunk=chunk, on_frames=on_frames)
 
     def _phase_peak(self, timings: dict, phase: str) -> None:

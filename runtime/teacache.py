@@ -63,9 +63,9 @@ class TeaCache:
     def __init__(self):
         self.residual: torch.Tensor | None = None
 
-    def run_blocks(self, blocks, compute: bool, tokens, *args):
+    def run_blocks(self, blocks, compute: bool, tokens, *args, **kw):
         if compute or self.residual is None:
-            out = blocks(tokens, *args)
+            out = blocks(tokens, *args, **kw)
             old = self.residual
             if old is not None and (old.shape, old.dtype, old.device) == (out.shape, out.dtype, out.device):
                 # into the old buffer: no second residual-sized block (0.66 GB a branch at 480P) beside it

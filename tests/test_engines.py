@@ -50,6 +50,18 @@ def test_engine_pipeline_matches_the_torch_backend(tiny_ckpt, tiny_cfg, engines)
     assert abs(out.frames.astype(int) - ref.frames.astype(int)).max() <= 1  # umT5, CLIP, VAE engines too
 
 
+def test_guidance_branches_share_block_0s_self_attention_engine(engines):
+    """A guided step runs block 0's self-attention half once (block_attn), its text half per branch
+    (block_rest), and every other block whole per branch."""
+    pipe = Pipeline.from_engines(engines)
+    called, table = [], pipe.dit.engines
+    for key, run in list(table.items()):
+        table[key] = lambda *args, key=key, run=run: called.append(key.split("@")[0]) or run(*args)
+    pipe.generate(IMAGE, PROMPT, seed=3, steps=3)
+    assert called.count("block_attn") == 3 and called.count("block_rest") == 2 * 3
+    assert called.count("block") == 2 * 3 * (pipe.dit.num_layers - 1)
+
+
 def test_aoti_engines_run_the_loop_like_the_torch_backend(tiny_ckpt, tiny_cfg, tmp_path):
     """The backend measured on the H200, here compiled for the CPU: the DiT engines load through the package
     loader with their weights bound from the checkpoint; encoders and VAE stay torch modules."""
@@ -93,7 +105,8 @@ def test_streamed_block_weights_give_the_same_video(engines):
 
 def test_engine_graphs_are_valid_onnx_with_weights_as_inputs(engines):
     manifest = json.loads((engines / "manifest.json").read_text())
-    assert set(manifest["engines"]) == {"time", "pre@9x48x64", "block@9x48x64", "post@9x48x64", "text", "image",
+    assert set(manifest["engines"]) == {"time", "pre@9x48x64", "block@9x48x64", "block_attn@9x48x64",
+                                        "block_rest@9x48x64", "post@9x48x64", "text", "image",
                                         "vae_encode@9x48x64", "vae_decode@9x48x64"}  # fmt: skip
     block = onnx.load(str(engines / manifest["engines"]["block@9x48x64"]["file"]))
     onnx.checker.check_model(block)
@@ -102,6 +115,9 @@ def test_engine_graphs_are_valid_onnx_with_weights_as_inputs(engines):
     names = [i.name for i in block.graph.input]
     assert names[:5] == ["tokens", "e0", "context_emb", "rope_cos", "rope_sin"]
     assert "w:ffn.0.weight" in names and block.opset_import[0].version >= 19
+    # the halves take the whole block's weights too, so the runtime binds one list to every block engine
+    half = onnx.load(str(engines / manifest["engines"]["block_attn@9x48x64"]["file"]))
+    assert [i.name for i in half.graph.input] == ["tokens", "e0", "rope_cos", "rope_sin"] + names[5:]
 
 
 def test_fp8_engines_hold_qdq_nodes_and_match_torch(tiny_ckpt, tiny_cfg, tmp_path):
@@ -222,10 +238,10 @@ def test_rebuild_reuses_what_is_up_to_date(tiny_ckpt, engines, tmp_path):
     d = copy_engines(engines, tmp_path)
     logs = []
     build("tiny", tiny_ckpt, "cpu", d, log=logs.append)
-    assert sum("up to date" in s for s in logs) == 8
+    assert sum("up to date" in s for s in logs) == 10
     logs.clear()
     m = build("tiny", tiny_ckpt, "cpu", d, profiles=["9x48x64", "5x48x64"], dit_only=True, log=logs.append)
-    assert sum("up to date" in s for s in logs) == 4 and sum("built" in s for s in logs) == 3
+    assert sum("up to date" in s for s in logs) == 6 and sum("built" in s for s in logs) == 5
     assert m["profiles"] == ["9x48x64", "5x48x64"]
 
 
@@ -242,7 +258,7 @@ def test_a_changed_vae_source_rebuilds_the_vae_engines_only(tiny_ckpt, engines, 
     build("tiny", tiny_ckpt, "cpu", d, log=logs.append)
     rebuilt = sorted(s.split(":")[0] for s in logs if " built " in s)
     assert rebuilt == ["vae_decode@9x48x64", "vae_encode@9x48x64"], logs
-    assert sum("up to date" in s for s in logs) == 6
+    assert sum("up to date" in s for s in logs) == 8
 
 
 def test_runtime_only_gpu_settings_rebuild_nothing(tiny_ckpt, engines, tmp_path, monkeypatch):
@@ -256,7 +272,7 @@ def test_runtime_only_gpu_settings_rebuild_nothing(tiny_ckpt, engines, tmp_path,
     )
     d, logs = copy_engines(engines, tmp_path), []
     build("tiny", tiny_ckpt, "cpu", d, log=logs.append)
-    assert sum("up to date" in s for s in logs) == 8
+    assert sum("up to date" in s for s in logs) == 10
 
 
 def test_engines_compile_with_the_gpus_sage_tile(tiny_ckpt, engines, tmp_path, monkeypatch):
@@ -272,7 +288,7 @@ def test_engines_compile_with_the_gpus_sage_tile(tiny_ckpt, engines, tmp_path, m
     seen, export = [], B.E.export_onnx
     monkeypatch.setattr(B.E, "export_onnx", lambda *a, **k: (seen.append(sage.TILE), export(*a, **k))[1])
     build("tiny", tiny_ckpt, "cpu", copy_engines(engines, tmp_path), dit_only=True, log=lambda s: None)
-    assert seen == [tile] * 4 and sage.TILE is None
+    assert seen == [tile] * 6 and sage.TILE is None
 
 
 def test_sage_prep_fused_builds_the_op_from_projections_into_aoti_engines_only(

@@ -268,9 +268,10 @@ def test_vae_hands_over_each_decoded_chunk_in_order(tiny_ckpt, tiny_cfg):
     assert [p.shape[2] for p in parts] == [1, 4, 4, 4]  # latent frame 0 is one frame, every later one four
     assert torch.equal(torch.cat(parts, dim=2), video)
     tiled = []
-    vae.decode_tiled(torch.randn(1, 16, 2, 6, 6), tile=4, overlap=2, on_frames=tiled.append)
-    # tiles run through all frames one after the other: the video comes at the end
-    assert [p.shape for p in tiled] == [(1, 3, 5, 48, 48)]
+    video = vae.decode_tiled(torch.randn(1, 16, 3, 6, 6), tile=4, overlap=2, on_frames=tiled.append)
+    # tiles run through all frames one after the other; the last one completes the frames chunk by chunk
+    assert [p.shape for p in tiled] == [(1, 3, 1, 48, 48), (1, 3, 4, 48, 48), (1, 3, 4, 48, 48)]
+    assert torch.equal(torch.cat(tiled, dim=2), video)
 
 
 RMS_SILU_INTERPRETED = """
@@ -357,7 +358,15 @@ def test_tiled_decode_blends_tiles_exactly_for_a_local_decoder(tiny_ckpt, tiny_c
     from x2v.export.load import load_part
 
     vae = load_part("vae", tiny_ckpt, tiny_cfg)
-    vae.decode = lambda z, chunk=1, on_frames=None: z[:, :3].repeat_interleave(8, -1).repeat_interleave(8, -2)
+
+    def local(z, chunk=1, on_frames=None):  # latent frame 0 becomes one frame, every later one four
+        video = z[:, :3].repeat_interleave(8, -1).repeat_interleave(8, -2)
+        video = torch.cat([video[:, :, :1], video[:, :, 1:].repeat_interleave(4, 2)], dim=2)
+        if on_frames is not None:
+            on_frames(video)
+        return video
+
+    vae.decode = local
     z = torch.randn(1, 16, 2, 21, 30)
     for tile, overlap in ((8, 2), (10, 4), (16, 8)):
         torch.testing.assert_close(vae.decode_tiled(z, tile, overlap), vae.decode(z))
@@ -376,3 +385,12 @@ def test_decode_tiles_cover_the_frame_with_the_overlap_asked_and_little_extra_ar
         # what fixed 24-latent strides with a shifted last tile cost: ceil((n - 8) / 24) tiles of 32
         assert sum(b - a for a, b in tiles) <= 32 * -(-(n - 8) // 24)
     assert _tiles(20, 32, 8) == [(0, 20)]
+
+
+def test_larger_decode_tiles_keep_a_64_px_overlap():
+    from x2v.export.vae import _tiles
+    from x2v.runtime.pipeline import tile_overlap
+
+    assert [tile_overlap(t) for t in (2, 16, 32, 64, 128)] == [1, 4, 8, 8, 8]
+    # 544 x 720 px at tile 64: 2 x 2 tiles of 38 x 49 latents, 1.22x the frame's area (tile 32: 1.59x)
+    assert _tiles(68, 64, 8) == [(0, 38), (30, 68)] and _tiles(90, 64, 8) == [(0, 49), (41, 90)]

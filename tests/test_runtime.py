@@ -47,9 +47,9 @@ class CountingDiT:
         self.batches.append(x.shape[0])
         return self.dit.pre(x, *args)
 
-    def run_blocks(self, *args):
+    def run_blocks(self, *args, **kw):
         self.block_calls += 1
-        return self.dit.run_blocks(*args)
+        return self.dit.run_blocks(*args, **kw)
 
 
 def run(dit, cfg, steps=8, plan=None, batch_cfg=True, seed=0):
@@ -64,6 +64,20 @@ def test_batched_cfg_equals_sequential_cfg(dit, tiny_cfg):
     torch.testing.assert_close(
         run(dit, tiny_cfg, batch_cfg=True), run(dit, tiny_cfg, batch_cfg=False), rtol=1e-5, atol=1e-5
     )
+
+
+def test_sequential_guidance_branches_share_block_0s_self_attention(dit, tiny_cfg):
+    """Both branches enter block 0 with the same tokens and timestep; only the text differs, which the
+    self-attention half never sees. So it runs once a step, and the result is the batched one's."""
+    first, calls = dit.blocks[0], []
+    attend = first.attend
+    first.attend = lambda *a: calls.append(1) or attend(*a)
+    try:
+        shared = run(dit, tiny_cfg, steps=6, batch_cfg=False)
+    finally:
+        del first.attend
+    assert len(calls) == 6
+    torch.testing.assert_close(shared, run(dit, tiny_cfg, steps=6), rtol=1e-5, atol=1e-5)
 
 
 def test_teacache_threshold_zero_is_bit_identical(dit, tiny_cfg):
