@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The speed table in one sitting on one GPU host: bash bench/table_sitting.sh PART  (PART = 1 to 6)
 # Each part fits one 10-minute device call; run them back to back (files under /tmp live while the host is
-# warm). Measured on an H200 with STEPS=8 (commit f31eee6): parts 1 (with the checkpoint, 86 s of it) to 6 took 198,
-# 190, 272, 165 and (5+6 in one call) 154 s, about 17.5 min of device time with the host's start; at 9889f9a calibration and
+# warm). Measured on an H200 with STEPS=8 (commit 4184789): parts 1 (with the checkpoint, 60 s of it) to 6 took 166,
+# 236 (with decode_write), 265, 164 and (5+6 in one call) 143 s, about 17 min of device time with the host's start; at 9889f9a calibration and
 # build ran past 8 min in one call (output lost), so they are two parts now and
 # every part appends its output to $OUT/table_sitting.log, which comes back even when a call times out;
 # STEPS=40 (the full schedule) needs about 30 min in all. With fewer steps rows project the full run from
