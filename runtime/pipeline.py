@@ -301,7 +301,7 @@ class Pipeline:
         first request does not pay for what the GPU does once per process and shape: loading kernels, cuBLAS's
         and cuDNN's per-shape plans, the Triton kernels' variants. Cheap: umT5 and CLIP at their one input
         shape each, the VAE's encode (I2V) on 5 frames and its decode on two passes of latent frames through
-        the decode path generate takes, each DiT engine once. Encoders run on the host (`encoders: host`)
+        the decode path generate takes, each DiT engine once (a torch DiT: pre, block 0 and post). Encoders run on the host (`encoders: host`)
         are left alone: nothing to load there, and a CPU umT5 call costs seconds. Outputs are dropped and
         nothing is cached, so results do not change. sizes: the engines' built profiles, else the model's
         sample size (an I2V video's size follows its image's aspect ratio: pass the sizes requests will have,
@@ -330,8 +330,26 @@ class Pipeline:
             self._decode(z, self.decode_tile, self.decode_chunk)
         if hasattr(self.dit, "warm_up"):
             self.dit.warm_up()
+        else:  # a torch DiT: pre, one block and post at each size (every block has block 0's shapes)
+            for h, w in sizes:
+                self._warm_dit(h, w)
         self._release_cache()
         return self._lap(t0)
+
+    def _warm_dit(self, height: int, width: int) -> None:
+        """One torch DiT evaluation with block 0 only, on zeros of a request's shapes with guidance batched (the
+        default): the SageAttention op's Triton compile (3.9 s on an H200) and cuBLAS's and cuDNN's first calls
+        happen here instead of in the first step."""
+        d, s = self.cfg.dit, self.cfg.sample
+        b = 1 if s.guide_scale == 1.0 else 2
+        lat = (b, self.cfg.vae.z_dim, (s.frames - 1) // 4 + 1, height // 8, width // 8)
+        zeros = lambda *shape, dtype=torch.float32: torch.zeros(shape, dtype=dtype, device=self.device)
+        clip_fea = zeros(b, d.clip_tokens, d.clip_dim, dtype=self.dtype) if d.i2v else None
+        y = zeros(b, d.in_dim - lat[1], *lat[2:], dtype=self.dtype) if d.i2v else None
+        t = torch.full((b,), 999.0, device=self.device)
+        tokens, e, e0, ctx, cos, sin = self.dit.pre(zeros(*lat), t, zeros(b, d.text_len, d.text_dim, dtype=self.dtype),
+                                                    clip_fea, y)  # fmt: skip
+        self.dit.post(self.dit.blocks[0](tokens, e0, ctx, cos, sin), e, self.dit.grid(lat))
 
     @torch.no_grad()
     def encode(

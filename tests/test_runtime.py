@@ -188,8 +188,13 @@ def test_warm_up_takes_the_decode_path_of_requests_and_changes_no_result(tiny_ck
     monkeypatch.setattr(
         pipe.vae, "decode_tiled", lambda z, *a, **kw: tiled.append(z.shape) or decode_tiled(z, *a, **kw)
     )
+    blocks = []
+    hook = pipe.dit.blocks[0].register_forward_pre_hook(lambda m, args: blocks.append(tuple(args[0].shape)))
     assert pipe.warm_up([(48, 64)]) > 0
+    hook.remove()
     assert tiled == [(1, 16, 2, 6, 8)]  # two decode passes of one latent frame at the request's size
+    # the torch DiT: block 0 once on both guidance branches' tokens (3 latent frames x 3 x 4 patches)
+    assert blocks == [(2, 36, pipe.cfg.dit.dim)]
     out = pipe.generate(image=EXAMPLE, prompt="a cat walks on the beach", seed=7, steps=3)
     assert torch.equal(out.latents, ref.latents) and np.array_equal(out.frames, ref.frames)
     # encoders run on the CPU (`encoders: host`) load nothing on the GPU: the warm-up leaves them alone
