@@ -10,7 +10,7 @@ cuDNN's first plans there. Pipeline.warm_up then paid them on the critical path.
 Each variant runs in a fresh process (first-call costs are per process), rounds interleaved (the first round
 may pay the host's first Triton compile: read `runs`, not only the medians); the side thread
 (VAE resident, umT5 and CLIP streamed, as `encoders: stream`) is timed, then Pipeline.warm_up at the table's
-request size through the fp8 rows' decode path (256 px tiles, 3 latent frames a pass):
+request size through the fp8 rows' decode path (tiles, 3 latent frames a pass):
   serial       the VAE loaded and nothing more on the side thread (a4ec982)
   same_thread  the VAE encodes and decodes 5 frames of 32 x 32 px right after loading, on the same thread (dd2454c)
   own_thread   the same on a thread of its own, beside umT5's and CLIP's reading and page-locking
@@ -71,7 +71,7 @@ def child(variant: str, ckpt: Path, model: str, device: str) -> dict:
     side = time.perf_counter() - t0
     parts["tokenizer"] = Tokenizer(ckpt / cfg.files.tokenizer, cfg.dit.text_len)
     pipe = Pipeline(cfg, parts, device)
-    pipe.decode_tile, pipe.decode_chunk = 256, 3
+    pipe.decode_tile, pipe.decode_chunk = 64, 3  # latents: the fp8 rows' tiles (bench/table.py --vae-tile)
     warm = pipe.warm_up([SIZE if model == "i2v-14b-480p" else (cfg.sample.height, cfg.sample.width)])
     return {"side_s": side, "warm_up_s": warm, "side_plus_warm_up_s": side + warm}
 

@@ -330,7 +330,7 @@ class Pipeline:
             self._decode(z, self.decode_tile, self.decode_chunk)
         if hasattr(self.dit, "warm_up"):
             self.dit.warm_up()
-        else:  # a torch DiT: pre, one block and post at each size (every block has block 0's shapes)
+        elif self.dit is not None:  # a torch DiT: pre, one block and post at each size (all blocks alike)
             for h, w in sizes:
                 self._warm_dit(h, w)
         self._release_cache()
@@ -396,8 +396,9 @@ class Pipeline:
                  decode_tile: int | None = None, progress=None, skip_plan=None, out: str | Path | None = None) -> Result:  # fmt: skip
         """skip_plan: an explicit TeaCachePlan (e.g. a published schedule) instead of computing one.
         decode_tile: decode the video in spatial tiles of this many latents (overlapping by tile_overlap).
-        out: also write the MP4 there, encoding each decoded chunk while the next one decodes (whole-frame
-        decode; tiled and engine VAEs hand over the video at the end); complete when generate returns."""
+        out: also write the MP4 there, encoding each decoded chunk while the next one decodes (whole frames;
+        tiled: the chunks the last tile completes; an engine VAE hands over the video at the end); complete when
+        generate returns."""
         s = self.cfg.sample
         frames, height, width = frames or s.frames, height or s.height, width or s.width
         guide_scale = s.guide_scale if guide_scale is None else guide_scale
