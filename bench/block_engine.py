@@ -13,6 +13,7 @@ forward), the same inputs for every variant:
   *-fast          the same with the FP8 GEMMs accumulating in the tensor cores (`use_fast_accum`)
   *-exact-gelu    GELU as nn.GELU(approximate="tanh") (Inductor: libdevice tanhf), as before GELUTanh
   *-qkprep        Q and K normalized, rotated (Q quantized) inside the op (`sage_prep: fused`, x2v::sage_attention_rope)
+  *-xsage         the two cross-attentions through the SageAttention op too (SDPA in every build)
 Measured with `--no-op --no-streamed --variants fp8-sage-fused-fast,fp8-sage-tile-fast`
 (`block_quant_kernels-h200.json`): the op's own quantization kernels beat the fused torch ops by 1.1 ms a block.
 Per variant: build seconds, block time (median of device-event timings), a profiler breakdown of one call
@@ -60,6 +61,8 @@ VARIANTS = {  # name: (model, attention, sage tile, traced quantization, FP8 fas
     "fp8-sdpa-fast-exact-gelu": ("fp8", "sdpa", None, "kernels", True, {"gelu": "exact"}),
     # Q and K normalized, rotated (and Q quantized) inside the op, one pass each (GPU configs' sage_prep: fused)
     "fp8-sage-tile-fast-qkprep": ("fp8", "sage_op_rope", TILE, "kernels", True, {}),
+    # the cross-attentions (32760 queries against 512 text and 257 image keys) through SageAttention too
+    "fp8-sage-tile-fast-xsage": ("fp8", "sage_op", TILE, "kernels", True, {"cross": "sage_op"}),
 }
 
 
@@ -169,6 +172,7 @@ def main():
             model = models[kind].configure(torch.bfloat16, attn)
             for b in model.blocks:
                 b.ffn[1] = torch.nn.GELU(approximate="tanh") if opts.get("gelu") == "exact" else GELUTanh()
+                b.cross_attn.attn_impl = opts.get("cross", "sdpa")
             if kind == "fp8":
                 configure_fp8(model, "cuda", fast_accum=fast)
             sage.TILE, sage.TRACED_QUANT = None, "kernels"

@@ -161,6 +161,9 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float, i2v: bool, text_len: int):
         super().__init__()
         self.num_heads, self.text_len = num_heads, text_len
+        self.attn_impl = (
+            "sdpa"  # SDPA in every build; bench/block_engine.py's -xsage variants time SageAttention
+        )
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
@@ -175,10 +178,10 @@ class CrossAttention(nn.Module):
         img, txt = context[:, : -self.text_len], context[:, -self.text_len :]
         q = self.norm_q(self.q(x)).unflatten(-1, (n, -1))
         k = self.norm_k(self.k(txt)).unflatten(-1, (n, -1))
-        out = attention(q, k, self.v(txt).unflatten(-1, (n, -1)))
+        out = attention(q, k, self.v(txt).unflatten(-1, (n, -1)), self.attn_impl)
         if hasattr(self, "k_img"):
             k_img = self.norm_k_img(self.k_img(img)).unflatten(-1, (n, -1))
-            out = out + attention(q, k_img, self.v_img(img).unflatten(-1, (n, -1)))
+            out = out + attention(q, k_img, self.v_img(img).unflatten(-1, (n, -1)), self.attn_impl)
         return self.o(out)
 
 
