@@ -161,9 +161,8 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float, i2v: bool, text_len: int):
         super().__init__()
         self.num_heads, self.text_len = num_heads, text_len
-        self.attn_impl = (
-            "sdpa"  # SDPA in every build; bench/block_engine.py's -xsage variants time SageAttention
-        )
+        # SDPA in every build: SageAttention is slower at 512 and 257 keys (bench/results/block_cross_sage-h200.json)
+        self.attn_impl = "sdpa"
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)

@@ -93,18 +93,11 @@ def example_inputs(
         return (["tokens", "e0", "context_emb", "rope_cos", "rope_sin"],
                 [r(b, n, cfg.dim), r(b, 6, cfg.dim), r(b, lc, cfg.dim, dt=dtype), r(n, c2), r(n, c2)])  # fmt: skip
     if engine == "block_attn":
-        return ["tokens", "e0", "rope_cos", "rope_sin"], [
-            r(b, n, cfg.dim),
-            r(b, 6, cfg.dim),
-            r(n, c2),
-            r(n, c2),
-        ]
+        return (["tokens", "e0", "rope_cos", "rope_sin"],
+                [r(b, n, cfg.dim), r(b, 6, cfg.dim), r(n, c2), r(n, c2)])  # fmt: skip
     if engine == "block_rest":
-        return ["tokens", "e0", "context_emb"], [
-            r(b, n, cfg.dim),
-            r(b, 6, cfg.dim),
-            r(b, lc, cfg.dim, dt=dtype),
-        ]
+        return (["tokens", "e0", "context_emb"],
+                [r(b, n, cfg.dim), r(b, 6, cfg.dim), r(b, lc, cfg.dim, dt=dtype)])  # fmt: skip
     return ["tokens", "e"], [r(b, n, cfg.dim), r(b, cfg.dim)]
 
 

@@ -301,8 +301,9 @@ class Pipeline:
         first request does not pay for what the GPU does once per process and shape: loading kernels, cuBLAS's
         and cuDNN's per-shape plans, the Triton kernels' variants. Cheap: umT5 and CLIP at their one input
         shape each, the VAE's encode (I2V) on 5 frames and its decode on two passes of latent frames through
-        the decode path generate takes, each DiT engine once (a torch DiT: pre, block 0 and post). Encoders run on the host (`encoders: host`)
-        are left alone: nothing to load there, and a CPU umT5 call costs seconds. Outputs are dropped and
+        the decode path generate takes, each DiT engine once (a torch DiT: pre, block 0 and post). Encoders
+        run on the host (`encoders: host`) are left alone: nothing to load there, and a CPU umT5 call costs
+        seconds. Outputs are dropped and
         nothing is cached, so results do not change. sizes: the engines' built profiles, else the model's
         sample size (an I2V video's size follows its image's aspect ratio: pass the sizes requests will have,
         `output_size`). Returns the seconds it took."""
