@@ -338,18 +338,18 @@ class Pipeline:
         return self._lap(t0)
 
     def _warm_dit(self, height: int, width: int) -> None:
-        """One torch DiT evaluation with block 0 only, on zeros of a request's shapes with guidance batched (the
+        """One torch DiT evaluation with block 0 only, on inputs of a request's shapes with guidance batched (the
         default): the SageAttention op's Triton compile (3.9 s on an H200) and cuBLAS's and cuDNN's first calls
-        happen here instead of in the first step."""
-        d, s = self.cfg.dit, self.cfg.sample
-        b = 1 if s.guide_scale == 1.0 else 2
-        lat = (b, self.cfg.vae.z_dim, (s.frames - 1) // 4 + 1, height // 8, width // 8)
-        zeros = lambda *shape, dtype=torch.float32: torch.zeros(shape, dtype=dtype, device=self.device)
-        clip_fea = zeros(b, d.clip_tokens, d.clip_dim, dtype=self.dtype) if d.i2v else None
-        y = zeros(b, d.in_dim - lat[1], *lat[2:], dtype=self.dtype) if d.i2v else None
-        t = torch.full((b,), 999.0, device=self.device)
-        tokens, e, e0, ctx, cos, sin = self.dit.pre(zeros(*lat), t, zeros(b, d.text_len, d.text_dim, dtype=self.dtype),
-                                                    clip_fea, y)  # fmt: skip
+        happen here instead of in the first step. The inputs are the pre engine's random examples (a torch DiT
+        comes from export/ anyway), drawn on a forked generator so that the caller's seeds stay as they were."""
+        from x2v.export.engines import example_inputs
+
+        s = self.cfg.sample
+        batch = 1 if s.guide_scale == 1.0 else 2
+        lat = (batch, self.cfg.vae.z_dim, (s.frames - 1) // 4 + 1, height // 8, width // 8)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            _, inputs = example_inputs(self.dit, "pre", lat, self.device, self.dtype)
+        tokens, e, e0, ctx, cos, sin = self.dit.pre(*inputs)
         self.dit.post(self.dit.blocks[0](tokens, e0, ctx, cos, sin), e, self.dit.grid(lat))
 
     @torch.no_grad()

@@ -190,8 +190,12 @@ def test_warm_up_takes_the_decode_path_of_requests_and_changes_no_result(tiny_ck
     )
     blocks = []
     hook = pipe.dit.blocks[0].register_forward_pre_hook(lambda m, args: blocks.append(tuple(args[0].shape)))
+    rng = torch.get_rng_state()
     assert pipe.warm_up([(48, 64)]) > 0
     hook.remove()
+    assert torch.equal(
+        torch.get_rng_state(), rng
+    )  # the DiT's random example inputs came from a forked generator
     assert tiled == [(1, 16, 2, 6, 8)]  # two decode passes of one latent frame at the request's size
     # the torch DiT: block 0 once on both guidance branches' tokens (3 latent frames x 3 x 4 patches)
     assert blocks == [(2, 36, pipe.cfg.dit.dim)]
