@@ -381,9 +381,8 @@ class WanVAE(nn.Module):
             raise ValueError(f"tile overlap must be in (0, {tile}), got {overlap}")
         tiles = [(ys, xs) for ys in _tiles(h, tile, overlap) for xs in _tiles(w, tile, overlap)]
         weight = torch.zeros(8 * h, 8 * w, device=z.device)
-        blend = []
+        blend, ramp = [], 8 * overlap
         for (y0, y1), (x0, x1) in tiles:
-            ramp = 8 * overlap
             wy = _ramp(8 * (y1 - y0), ramp if y0 > 0 else 0, ramp if y1 < h else 0, z.device)
             wx = _ramp(8 * (x1 - x0), ramp if x0 > 0 else 0, ramp if x1 < w else 0, z.device)
             region = (..., slice(8 * y0, 8 * y1), slice(8 * x0, 8 * x1))
