@@ -9,7 +9,9 @@ a small DiT block with the real head size (128) and FP8 linears calibrated by ma
 Every step runs in a process of its own, so a builder that aborts (TensorRT-RTX 1.7 did, on the plugin
 network, commit 53c5ece) is recorded with its exit status and log tail and the other steps still run. The
 `plugin-only` step adds the plugin through the network API (`add_plugin_v3`), without the ONNX parser, to
-tell a parser problem from a plugin or builder one.
+tell a parser problem from a plugin or builder one. Expect the plugin steps to fail with TensorRT-RTX: NVIDIA's
+porting guide says TensorRT-RTX does not support plugins (quoted in NVIDIA/TensorRT-RTX issue 4, open), and
+its 1.7 bindings' INetworkDefinition has no plugin method; they need full TensorRT.
 """
 
 from __future__ import annotations
