@@ -41,7 +41,7 @@ def tokens(kind: str, n: int, c: int) -> torch.Tensor:
         x = F.avg_pool1d(x.t()[None], WINDOW, stride=1, padding=WINDOW // 2, count_include_pad=False)[0].t()[
             :n
         ]
-        x = x / x.std()
+        x = (x / x.std()).contiguous()
     return x
 
 
