@@ -9,7 +9,9 @@ channels-last weights, so cuDNN runs NDHWC kernels on channels-last activations,
 before each causal convolution fused into one Triton kernel that writes into the convolution's input buffer),
 `channel_first` (the same with channel-first weights: cuDNN transposes around each convolution), and
 `torch_norm` (channel-first, norm, SiLU and the convolutions' bias as torch ops: the VAE before either change,
-but for the spatial padding, now the convolution's own). Per setting: seconds of a first and a second call of each,
+but for the spatial padding, now the convolution's own), and `no_reuse` (the default without reusing a causal
+convolution's result on repeated frames, CausalConv3d._steady: the encode before that change; its latents must
+equal the default's bit for bit). Per setting: seconds of a first and a second call of each,
 peak memory, and the outputs' error against the default's and against the same VAE in float32 with torch ops
 (the official VAE's precision; before this commit the float32 run used the fused kernels too, in float32), so
 a faster setting is also seen to be no less exact. `--profile` adds each decode's GPU
@@ -33,7 +35,12 @@ from x2v.export.load import build
 from x2v.export.make_checkpoint import random_tensors
 from x2v.runtime.config import load_model_config
 
-SETTINGS = {"default": True, "channel_first": False, "torch_norm": False}  # name: channels-last weights
+SETTINGS = {
+    "default": True,
+    "no_reuse": True,
+    "channel_first": False,
+    "torch_norm": False,
+}  # name: channels-last weights
 FUSED = vae_module.rms_silu, vae_module.add_bias_residual
 
 
@@ -85,6 +92,7 @@ def main():
             else:
                 for p in vae.parameters():
                     p.data = p.data.contiguous()
+            vae.reuse_steady = name != "no_reuse"
             r = {}
             for call in ("first", "second"):
                 z, r[f"encode_{call}"] = timed_peaks(lambda: vae.encode(video), cuda)
@@ -92,6 +100,7 @@ def main():
                 x, r[f"decode_{call}"] = timed_peaks(lambda z=z: vae.decode(z), cuda)
             if not ref:
                 ref = {"latents": z.float(), "video": x.float()}
+            r["latents_equal_default"] = torch.equal(z.float(), ref["latents"])
             r["latents_vs_default"] = rel_err(z.float(), ref["latents"])
             r["video_vs_default"] = rel_err(x.float(), ref["video"])
             r["latents_vs_fp32"] = rel_err(z.float(), ref32["latents"])

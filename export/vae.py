@@ -110,12 +110,38 @@ class CausalConv3d(nn.Conv3d):
             rms_silu(x, norm, out=buf[:, :, self.time_pad :], bias=x_bias)
         if cache is not None:
             cache[self] = buf[:, :, -self.time_pad :].clone()
+            if STEADY in cache and self.stride[0] == 1:
+                return self._steady(buf, cache[STEADY], bias, fmt)
         return self._conv(buf, bias)
+
+    def _steady(self, buf: torch.Tensor, seen: dict, bias: bool, fmt) -> torch.Tensor:
+        """The convolution of `buf`, or what it returned for the previous chunk when `buf` is, again, one frame
+        repeated. Every frame of an I2V conditioning video after the first is zero, so once a layer's window has
+        moved past the first frame's reach it sees the same frames chunk after chunk; near the input (the
+        full-resolution layers, most of the encoder's work) that is most of the video. Exact: a result is kept
+        only when its frames came out identical, and reused only for a bit-identical input."""
+        first = buf[:, :, :1]
+        if not torch.equal(buf, first.expand_as(buf)):
+            return self._conv(buf, bias)
+        if self in seen and torch.equal(first, seen[self][0]):
+            frame = seen[self][1]
+            t = buf.shape[2] - self.time_pad
+            out = torch.empty((*frame.shape[:2], t, *frame.shape[3:]), dtype=frame.dtype, device=frame.device,
+                              memory_format=fmt)  # fmt: skip
+            return out.copy_(frame.expand_as(out))
+        out = self._conv(buf, bias)
+        if torch.equal(out, out[:, :, :1].expand_as(out)):
+            seen[self] = (first.clone(), out[:, :, :1].clone())
+        return out
 
     def _conv(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
         if bias:
             return super().forward(x)
         return F.conv3d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+
+
+# Key of a chunked encode's cache under which causal convolutions keep their last steady result (_steady).
+STEADY = "steady"
 
 
 def channels_last(weight: torch.Tensor) -> bool:
@@ -323,6 +349,9 @@ class WanVAE(nn.Module):
         self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = Decoder3d(cfg)
+        self.reuse_steady = (
+            True  # chunked encodes reuse a convolution's result on repeated frames (CausalConv3d._steady)
+        )
 
     def to_channels_last(self) -> WanVAE:
         """Convolution weights in channels-last memory, so cuDNN runs its NDHWC / NHWC kernels and the
@@ -356,7 +385,7 @@ class WanVAE(nn.Module):
         if (t - 1) % 4:
             raise ValueError(f"the VAE encodes 4k+1 frames, got {t}")
         if chunked:  # the official 1, 4, 4, ... chunks: memory bounded by 4 frames
-            cache, edges = {}, [0, 1, *range(5, t + 1, 4)]
+            cache, edges = ({STEADY: {}} if self.reuse_steady else {}), [0, 1, *range(5, t + 1, 4)]
             out = torch.cat(
                 [self.encoder(video[:, :, a:b], cache) for a, b in zip(edges[:-1], edges[1:])], dim=2
             )

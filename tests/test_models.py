@@ -252,6 +252,35 @@ def test_vae_chunked_equals_whole(tiny_ckpt, tiny_cfg, chunk):
     torch.testing.assert_close(vae.decode(z, chunk=chunk), whole, rtol=1e-5, atol=1e-5)
 
 
+def test_vae_encodes_the_i2v_zero_frames_once_a_layer(tiny_ckpt, tiny_cfg, monkeypatch):
+    """An I2V conditioning video is the image, then zeros: past the image's reach a causal convolution sees the
+    same frames chunk after chunk and the chunked encode reuses its last result. Same latents to the bit."""
+    from x2v.export import vae as V
+
+    vae = load_part("vae", tiny_ckpt, tiny_cfg)
+    image = torch.rand(1, 3, 1, 16, 24) * 2 - 1
+    video = torch.cat([image, image.new_zeros(1, 3, 80, 16, 24)], dim=2)  # 81 frames, as Wan2.1 I2V encodes
+    convs, conv = [], V.CausalConv3d._conv
+    monkeypatch.setattr(
+        V.CausalConv3d, "_conv", lambda self, x, bias: convs.append(self) or conv(self, x, bias)
+    )
+    vae.reuse_steady = False
+    plain, every = vae.encode(video), len(convs)
+    vae.reuse_steady = True
+    convs.clear()
+    assert torch.equal(vae.encode(video), plain)
+    assert len(convs) < 0.65 * every
+    convs.clear()
+    vae.encode(torch.rand_like(video) * 2 - 1)  # no repeated frames: every convolution runs
+    assert len(convs) == every
+    grey = video.clone()
+    grey[:, :, 41:] = 0.5  # a second run of repeated frames: nothing reused from the first one
+    vae.reuse_steady = False
+    plain = vae.encode(grey)
+    vae.reuse_steady = True
+    assert torch.equal(vae.encode(grey), plain)
+
+
 def test_vae_warm_up_leaves_no_state_behind(tiny_ckpt, tiny_cfg):
     """The engine loader warms the VAE on a side thread; the causal caches must not carry into requests."""
     vae = load_part("vae", tiny_ckpt, tiny_cfg)
