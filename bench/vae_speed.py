@@ -53,6 +53,22 @@ def torch_add_bias_residual(y, bias, h):
     return y.add_(bias.view(1, -1, 1, 1, 1)).add_(h)
 
 
+def convolutions(fn) -> int:
+    """How many causal convolutions one call of fn runs (CausalConv3d._steady skips repeated ones)."""
+    count, conv = [0], vae_module.CausalConv3d._conv
+
+    def counted(self, x, bias):
+        count[0] += 1
+        return conv(self, x, bias)
+
+    vae_module.CausalConv3d._conv = counted
+    try:
+        fn()
+    finally:
+        vae_module.CausalConv3d._conv = conv
+    return count[0]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="i2v-14b-480p")
@@ -105,6 +121,7 @@ def main():
             r["video_vs_default"] = rel_err(x.float(), ref["video"])
             r["latents_vs_fp32"] = rel_err(z.float(), ref32["latents"])
             r["video_vs_fp32"] = rel_err(x.float(), ref32["video"])
+            r["encode_convolutions"] = convolutions(lambda: vae.encode(video))
             if args.profile and cuda:
                 r["decode_kernels"] = kernel_breakdown(lambda z=z: vae.decode(z), top=16)
                 r["encode_kernels"] = kernel_breakdown(lambda: vae.encode(video), top=8)
