@@ -103,3 +103,31 @@ def add_bias_residual_cuda(y: torch.Tensor, bias: torch.Tensor, h: torch.Tensor)
     add_bias_residual_kernel[(triton.cdiv(n, 2048),)](y, bias, h, n, c, t * hh * w, CHANNELS_LAST=channels_last,
                                                       BLOCK=2048, num_warps=8)  # fmt: skip
     return y
+
+
+@triton.jit(do_not_specialize=["N", "T"])
+def frames_differ_kernel(X, Ref, Flag, N, T, s_xb, s_xt, s_rb, BLOCK: tl.constexpr):
+    """Flag[0] = 1 if any of the T frames of X differs from Ref; frame (b, t) is N contiguous integers (the
+    values' bits) at X + b * s_xb + t * s_xt, Ref's frame b at Ref + b * s_rb. One read of X."""
+    pid, b = tl.program_id(0), tl.program_id(1)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    ref = tl.load(Ref + b * s_rb + offs, mask=mask, other=0)
+    diff = tl.zeros([BLOCK], dtype=tl.int32)
+    for t in range(T):
+        diff |= (tl.load(X + b * s_xb + t * s_xt + offs, mask=mask, other=0) != ref).to(tl.int32)
+    if tl.max(diff, axis=0) > 0:
+        tl.atomic_max(Flag, 1)
+
+
+def frames_differ_cuda(x: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Whether any frame of x [B, C, T, H, W] differs from ref [B, C, 1, H, W] in any bit; both channels-last
+    with each frame dense (vae.frames_dense)."""
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    xi, ri = x.view(ints), ref.view(ints)
+    b, c, t, h, w = x.shape
+    flag = torch.zeros(1, dtype=torch.int32, device=x.device)
+    n = c * h * w
+    frames_differ_kernel[(triton.cdiv(n, 4096), b)](xi, ri, flag, n, t, xi.stride(0), xi.stride(2), ri.stride(0),
+                                                    BLOCK=4096, num_warps=8)  # fmt: skip
+    return bool(flag.item())

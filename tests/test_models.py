@@ -305,9 +305,19 @@ def test_vae_hands_over_each_decoded_chunk_in_order(tiny_ckpt, tiny_cfg):
 
 RMS_SILU_INTERPRETED = """
 import torch
+import triton.runtime.interpreter as interp
+
+# Triton 3.6's interpreter turns a loop bound into an int with int(array of shape (1,)), which NumPy 2.4
+# refuses; take the element instead (as tests/test_sage.py does).
+patch = interp._patch_lang_tensor
+def patched(tensor, scope):
+    patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+interp._patch_lang_tensor = patched
+
 import torch.nn.functional as F
 from x2v.export.vae import RMSNorm
-from x2v.export.vae_kernels import add_bias_residual_cuda, rms_silu_cuda
+from x2v.export.vae_kernels import add_bias_residual_cuda, frames_differ_cuda, rms_silu_cuda
 
 torch.manual_seed(0)
 for c in (96, 20):  # channel counts that are not powers of two
@@ -327,6 +337,14 @@ for c in (96, 20):  # channel counts that are not powers of two
         y, h = torch.randn(1, c, 3, 5, 7).contiguous(memory_format=fmt), torch.randn(1, c, 3, 5, 7)
         ref = y + bias.view(1, -1, 1, 1, 1) + h
         print("residual", (add_bias_residual_cuda(y, bias, h) - ref).abs().max().item())
+
+# the encode's repeated-frame test, bit for bit: frames 1 and 2 equal frame 0, then one value's sign bit flipped
+x = torch.randn(2, 20, 1, 5, 7).bfloat16().repeat(1, 1, 3, 1, 1).contiguous(memory_format=torch.channels_last_3d)
+x[1, 3, :, 4, 6] = 0.0
+ref = x[:, :, :1].clone()
+print("repeats", int(not frames_differ_cuda(x, ref)))
+x[1, 3, 2, 4, 6] = -0.0  # equal as a number, not as bits (the kernel compares the bits)
+print("differs", int(frames_differ_cuda(x, ref)))
 """
 
 
@@ -334,7 +352,7 @@ for c in (96, 20):  # channel counts that are not powers of two
 def test_vae_norm_kernel_agrees_with_torch_in_the_interpreter():
     """The GPU's fused RMS norm + SiLU with the previous convolution's bias (channel-first and channels-last
     strides, masks for channel counts that are not powers of two, writing into a slice of a conv's input
-    buffer) and its bias + residual add, in Triton's CPU interpreter against the torch ops."""
+    buffer), its bias + residual add, and the encode's repeated-frame test, in Triton's CPU interpreter."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run(
         [sys.executable, "-c", RMS_SILU_INTERPRETED], capture_output=True, text=True, env=env
@@ -345,6 +363,7 @@ def test_vae_norm_kernel_agrees_with_torch_in_the_interpreter():
     untouched = [v for name, v in rows if name == "past frames untouched"]
     assert len(errors) == 8 and max(errors) < 1e-5, rows
     assert untouched == ["1"] * 4, rows
+    assert [v for name, v in rows if name in ("repeats", "differs")] == ["1", "1"], rows
 
 
 def test_cli_help_is_fast_and_light():
