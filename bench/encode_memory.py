@@ -10,7 +10,8 @@ setting, each in a process of its own (the allocator's settings and cache are pe
   - unbounded: the streamed encoders' host runs ahead of the GPU, and encode keeps their side-stream cache
     (the code before commit 746094a: `stream(bounded=False)`, `torch.cuda.empty_cache` patched out of encode);
   - bounded: the host waits for unit i-1 once unit i is queued, encode still keeps the cache;
-  - current: bounded, and encode hands the encoders' cache back before the VAE encode.
+  - current: bounded, and encode hands the encoders' cache back before the VAE encode;
+  - no_reuse: current without the VAE encode's reuse of repeated frames (CausalConv3d._steady; before 640658b).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import subprocess
 import sys
 
-SETTINGS = ("unbounded", "bounded", "current")
+SETTINGS = ("unbounded", "bounded", "current", "no_reuse")
 DIT_GB = 16.6  # the FP8 DiT's weights on the GPU in the fp8 rows (table/h200/fp8.json load profile)
 
 
@@ -50,8 +51,9 @@ def child(model: str, gpu_name: str, setting: str, device: str) -> dict:
     mask[:, 64:] = 0  # prompts are short: what a real tokenizer's padding gives
     parts["tokenizer"] = lambda texts: (ids[: len(texts)], mask[: len(texts)])
     pipe = Pipeline(cfg, parts, device)
-    if setting != "current":
+    if setting in ("unbounded", "bounded"):
         pipe._release_cache = lambda: None
+    parts["vae"].reuse_steady = setting != "no_reuse"
     f, h, w = cfg.sample.frames, cfg.sample.height, cfg.sample.width
     image = torch.rand(3, h, w, generator=gen) * 2 - 1
     res = {"setting": setting, "video": [f, h, w], "dit_stand_in_gb": DIT_GB if cuda else 0.0}
@@ -73,6 +75,7 @@ def main():
     ap.add_argument("--gpu", default="h200", help="GPU config whose allocator settings apply")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--child", default=None, choices=SETTINGS)
     args = ap.parse_args()
     if args.child:
@@ -81,7 +84,7 @@ def main():
     from bench.common import write_result
 
     res = {"model": args.model, "gpu_config": args.gpu, "runs": []}
-    for setting in SETTINGS:
+    for setting in args.settings.split(","):
         cmd = [sys.executable, "-m", "bench.encode_memory", "--child", setting, "--model", args.model,
                "--gpu", args.gpu, "--device", args.device]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True)
