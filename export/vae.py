@@ -115,24 +115,25 @@ class CausalConv3d(nn.Conv3d):
         return self._conv(buf, bias)
 
     def _steady(self, buf: torch.Tensor, seen: dict, bias: bool, fmt) -> torch.Tensor:
-        """The convolution of `buf`, or what it returned for the previous chunk when `buf` is, again, one frame
+        """The convolution of `buf`, or what it returned for the previous chunk when both windows are one frame
         repeated. Every frame of an I2V conditioning video after the first is zero, so once a layer's window has
         moved past the first frame's reach it sees the same frames chunk after chunk; near the input (the
-        full-resolution layers, most of the encoder's work) that is most of the video. Exact: a result is kept
-        only when its frames came out identical, and reused only for a bit-identical input."""
-        if self in seen and repeats(buf, seen[self][0]):
-            frame = seen[self][1]
+        full-resolution layers, most of the encoder's work) that is most of the video. A window starts with the
+        previous window's last frames (the cache), so two repeated-frame windows in a row hold the same frame:
+        no frame needs keeping but the output. Exact: an output is kept only when its frames came out identical."""
+        if not repeats(buf, buf[:, :, :1]):
+            seen.pop(self, None)
+            return self._conv(buf, bias)
+        if self in seen:
+            frame = seen[self]
             out = torch.empty((*frame.shape[:2], buf.shape[2] - self.time_pad, *frame.shape[3:]),
                               dtype=frame.dtype, device=frame.device, memory_format=fmt)  # fmt: skip
             for i in range(out.shape[2]):  # frame by frame: dense copies, where a broadcast copy is slow
                 out[:, :, i : i + 1] = frame
             return out
-        first = buf[:, :, :1]
-        if not repeats(buf, first):
-            return self._conv(buf, bias)
         out = self._conv(buf, bias)
         if repeats(out, out[:, :, :1]):
-            seen[self] = (first.clone(), out[:, :, :1].clone())
+            seen[self] = out[:, :, :1].clone()
         return out
 
     def _conv(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
