@@ -155,11 +155,11 @@ def frames_dense(x: torch.Tensor) -> bool:
 
 def repeats(x: torch.Tensor, ref: torch.Tensor) -> bool:
     """Whether every frame of x [B, C, T, H, W] equals ref [B, C, 1, H, W] bit for bit (so -0.0 is not 0.0)."""
+    ints = INTS[x.element_size()]
     if x.is_cuda and frames_dense(x) and frames_dense(ref):
         from x2v.export.vae_kernels import frames_differ_cuda
 
-        return not frames_differ_cuda(x, ref)
-    ints = INTS[x.element_size()]
+        return not frames_differ_cuda(x.view(ints), ref.view(ints))
     return torch.equal(x.view(ints), ref.view(ints).expand_as(x))
 
 
@@ -368,9 +368,8 @@ class WanVAE(nn.Module):
         self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = Decoder3d(cfg)
-        self.reuse_steady = (
-            True  # chunked encodes reuse a convolution's result on repeated frames (CausalConv3d._steady)
-        )
+        # chunked encodes reuse a convolution's result on repeated frames (CausalConv3d._steady)
+        self.reuse_steady = True
 
     def to_channels_last(self) -> WanVAE:
         """Convolution weights in channels-last memory, so cuDNN runs its NDHWC / NHWC kernels and the

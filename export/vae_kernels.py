@@ -126,13 +126,11 @@ def frames_differ_kernel(X, Ref, Flag, N, T, s_xb, s_xt, s_rb, BLOCK: tl.constex
 
 
 def frames_differ_cuda(x: torch.Tensor, ref: torch.Tensor) -> bool:
-    """Whether any frame of x [B, C, T, H, W] differs from ref [B, C, 1, H, W] in any bit; both channels-last
-    with each frame dense (vae.frames_dense)."""
-    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
-    xi, ri = x.view(ints), ref.view(ints)
+    """Whether any frame of x [B, C, T, H, W] differs from ref [B, C, 1, H, W]; integer views of the values (so
+    their bits are compared), both channels-last with each frame dense (vae.frames_dense)."""
     b, c, t, h, w = x.shape
     flag = torch.zeros(1, dtype=torch.int32, device=x.device)
     n = c * h * w
-    frames_differ_kernel[(triton.cdiv(n, 4096), b)](xi, ri, flag, n, t, xi.stride(0), xi.stride(2), ri.stride(0),
+    frames_differ_kernel[(triton.cdiv(n, 4096), b)](x, ref, flag, n, t, x.stride(0), x.stride(2), ref.stride(0),
                                                     BLOCK=4096, num_warps=8)  # fmt: skip
     return bool(flag.item())
