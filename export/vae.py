@@ -9,6 +9,8 @@ for speed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -114,14 +116,16 @@ class CausalConv3d(nn.Conv3d):
                 return self._steady(buf, cache[STEADY], bias, fmt)
         return self._conv(buf, bias)
 
-    def _steady(self, buf: torch.Tensor, seen: dict, bias: bool, fmt) -> torch.Tensor:
+    def _steady(self, buf: torch.Tensor, steady: Steady, bias: bool, fmt) -> torch.Tensor:
         """The convolution of `buf`, or what it returned for the previous chunk when both windows are one frame
         repeated. Every frame of an I2V conditioning video after the first is zero, so once a layer's window has
         moved past the first frame's reach it sees the same frames chunk after chunk; near the input (the
         full-resolution layers, most of the encoder's work) that is most of the video. A window starts with the
         previous window's last frames (the cache), so two repeated-frame windows in a row hold the same frame:
         no frame needs keeping but the output. Exact: an output is kept only when its frames came out identical."""
-        if not repeats(buf, buf[:, :, :1]):
+        seen = steady.out
+        if not steady.open or not repeats(buf, buf[:, :, :1]):
+            steady.open = False
             seen.pop(self, None)
             return self._conv(buf, bias)
         if self in seen:
@@ -142,8 +146,21 @@ class CausalConv3d(nn.Conv3d):
         return F.conv3d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
 
 
-# Key of a chunked encode's cache under which causal convolutions keep their last steady result (_steady).
+# Key of a chunked encode's cache under which causal convolutions keep their last steady results (_steady).
 STEADY = "steady"
+
+
+@dataclass
+class Steady:
+    """What a chunked encode keeps for CausalConv3d._steady: each convolution's output frame for its last window
+    if that held one frame repeated, and whether every window of this chunk so far did. The windows that repeat
+    are a prefix of the encoder (a layer sees the frames of the layers before it), so once one does not, the
+    chunk's later layers skip the test: each test hands a flag to the host, which stalls the GPU's queue."""
+
+    out: dict = field(default_factory=dict)
+    open: bool = True
+
+
 INTS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -403,11 +420,19 @@ class WanVAE(nn.Module):
         if (t - 1) % 4:
             raise ValueError(f"the VAE encodes 4k+1 frames, got {t}")
         if chunked:  # the official 1, 4, 4, ... chunks: memory bounded by 4 frames
-            steady = self.reuse_steady and not _traced(video)  # data-dependent: eager calls only
-            cache, edges = ({STEADY: {}} if steady else {}), [0, 1, *range(5, t + 1, 4)]
-            out = torch.cat(
-                [self.encoder(video[:, :, a:b], cache) for a, b in zip(edges[:-1], edges[1:])], dim=2
+            steady = (
+                Steady() if self.reuse_steady and not _traced(video) else None
+            )  # data-dependent: eager only
+            cache, edges, parts = (
+                ({} if steady is None else {STEADY: steady}),
+                [0, 1, *range(5, t + 1, 4)],
+                [],
             )
+            for a, b in zip(edges[:-1], edges[1:]):
+                if steady is not None:
+                    steady.open = True
+                parts.append(self.encoder(video[:, :, a:b], cache))
+            out = torch.cat(parts, dim=2)
         else:
             out = self.encoder(video)
         mu = self.conv1(out).chunk(2, dim=1)[0].float()
