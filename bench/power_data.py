@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
 
 from bench.common import write_result
-from bench.power import sampled
-from x2v.plugins import sage_attention as sage
+from bench.power import cool_and_sample, tensor_core_work
 from x2v.runtime.config import load_gpu_config
 
 WINDOW = 16
@@ -50,21 +48,6 @@ def neighbour_correlation(x: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a, b]))[0, 1]) if a.abs().sum() else 0.0
 
 
-def workloads(x8, w8, q, k, v, tile) -> dict:
-    from x2v.plugins import sage_kernels as K
-
-    one = torch.ones((), device="cuda")
-    return {
-        "fp8_gemm_32760x5120x13824": lambda: torch._scaled_mm(
-            x8, w8.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=True
-        ),
-        "sage_attention_1x40x32760x128": lambda: sage.launch(q, k, v, lambda f: f, K.attn_body, **tile),
-        "sdpa_bf16_1x40x32760x128": lambda: F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        ),
-    }
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -80,11 +63,8 @@ def main():
         x = tokens(kind, n, 5120)
         res[f"neighbour_correlation_{kind}"] = neighbour_correlation(x[:4096])
         q, k, v = (tokens(kind, n, h * d).view(1, n, h, d).bfloat16() for _ in range(3))
-        for name, fn in workloads(x.to(torch.float8_e4m3fn), w8, q, k, v, tile).items():
-            fn()
-            torch.cuda.synchronize()
-            time.sleep(2.0)  # a cool start for each, as bench/power.py
-            res[f"{name}_{kind}"] = r = sampled(fn, args.seconds)
+        for name, fn in tensor_core_work(q, k, v, x.to(torch.float8_e4m3fn), w8, tile).items():
+            res[f"{name}_{kind}"] = r = cool_and_sample(fn, args.seconds)
             print(name, kind, json.dumps(r), flush=True)
     for name in ("fp8_gemm_32760x5120x13824", "sage_attention_1x40x32760x128", "sdpa_bf16_1x40x32760x128"):
         base = res[f"{name}_iid"]["ms_mean_sustained"]
