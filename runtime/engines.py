@@ -264,11 +264,12 @@ class VAEEngine:
         return run_engine(self.m, self.engines, self.device, "vae_encode", f"{f}x{h}x{w}", [video])[0]
 
     def decode(self, z, chunk=None, on_frames=None):
-        """The whole sequence in one engine call; on_frames (as the torch VAE's) gets it at the end."""
+        """The whole sequence in one engine call; on_frames (as the torch VAE's) gets it at the end, and then
+        nothing is returned."""
         video = run_engine(self.m, self.engines, self.device, "vae_decode", profile_key(z.shape), [z])[0]
-        if on_frames is not None:
-            on_frames(video)
-        return video
+        if on_frames is None:
+            return video
+        on_frames(video)
 
 
 class EngineDiT:

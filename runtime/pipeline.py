@@ -492,10 +492,12 @@ class Pipeline:
                 frames_u8, latents, timings, plan.computed if plan else n, n, plan.describe() if plan else ""
             )
 
-    def _decode(self, z: torch.Tensor, tile: int | None, chunk: int | None, on_frames=None) -> torch.Tensor:
+    def _decode(
+        self, z: torch.Tensor, tile: int | None, chunk: int | None, on_frames=None
+    ) -> torch.Tensor | None:
         """The VAE decode requests take (and warm_up rehearses): in spatial tiles overlapping by a quarter, at
         most 8 latents (64 px: what the 32-latent tiles blend over; a wider overlap only adds area), or whole
-        frames."""
+        frames. With on_frames the frames go there only (None returned)."""
         if tile:
             return self.vae.decode_tiled(z, tile, tile_overlap(tile), chunk, on_frames=on_frames)
         return self.vae.decode(z, chunk=chunk, on_frames=on_frames)

@@ -296,14 +296,14 @@ def test_vae_warm_up_leaves_no_state_behind(tiny_ckpt, tiny_cfg):
 def test_vae_hands_over_each_decoded_chunk_in_order(tiny_ckpt, tiny_cfg):
     vae = load_part("vae", tiny_ckpt, tiny_cfg)
     z, parts = torch.randn(1, 16, 4, 2, 2), []
-    video = vae.decode(z, chunk=1, on_frames=parts.append)
+    assert vae.decode(z, chunk=1, on_frames=parts.append) is None  # handed over, not also kept
     assert [p.shape[2] for p in parts] == [1, 4, 4, 4]  # latent frame 0 is one frame, every later one four
-    assert torch.equal(torch.cat(parts, dim=2), video)
-    tiled = []
-    video = vae.decode_tiled(torch.randn(1, 16, 3, 6, 6), tile=4, overlap=2, on_frames=tiled.append)
+    assert torch.equal(torch.cat(parts, dim=2), vae.decode(z, chunk=1))
+    z, tiled = torch.randn(1, 16, 3, 6, 6), []
+    assert vae.decode_tiled(z, tile=4, overlap=2, on_frames=tiled.append) is None
     # tiles run through all frames one after the other; the last one completes the frames chunk by chunk
     assert [p.shape for p in tiled] == [(1, 3, 1, 48, 48), (1, 3, 4, 48, 48), (1, 3, 4, 48, 48)]
-    assert torch.equal(torch.cat(tiled, dim=2), video)
+    assert torch.equal(torch.cat(tiled, dim=2), vae.decode_tiled(z, tile=4, overlap=2))
 
 
 RMS_SILU_INTERPRETED = """
