@@ -420,14 +420,10 @@ class WanVAE(nn.Module):
         if (t - 1) % 4:
             raise ValueError(f"the VAE encodes 4k+1 frames, got {t}")
         if chunked:  # the official 1, 4, 4, ... chunks: memory bounded by 4 frames
-            steady = (
-                Steady() if self.reuse_steady and not _traced(video) else None
-            )  # data-dependent: eager only
-            cache, edges, parts = (
-                ({} if steady is None else {STEADY: steady}),
-                [0, 1, *range(5, t + 1, 4)],
-                [],
-            )
+            # the reuse tests data (a flag to the host): eager encodes only
+            steady = Steady() if self.reuse_steady and not _traced(video) else None
+            cache = {} if steady is None else {STEADY: steady}
+            edges, parts = [0, 1, *range(5, t + 1, 4)], []
             for a, b in zip(edges[:-1], edges[1:]):
                 if steady is not None:
                     steady.open = True

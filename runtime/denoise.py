@@ -36,11 +36,10 @@ def dit_call(
     differs, so block 0's self-attention (about half a block) runs in the first branch and the others start
     from its output, which run_blocks keeps there."""
     tokens, e, e0, ctx, cos, sin = dit.pre(x, t, cond.context, cond.clip_fea, cond.y)
-    kw = {} if shared is None else {"shared": shared}
     if cache is None:
-        tokens = dit.run_blocks(tokens, e0, ctx, cos, sin, **kw)
+        tokens = dit.run_blocks(tokens, e0, ctx, cos, sin, shared=shared)
     else:
-        tokens = cache.run_blocks(dit.run_blocks, compute, tokens, e0, ctx, cos, sin, **kw)
+        tokens = cache.run_blocks(dit.run_blocks, compute, tokens, e0, ctx, cos, sin, shared=shared)
     return dit.post(tokens, e, dit.grid(x.shape))
 
 

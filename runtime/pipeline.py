@@ -303,9 +303,9 @@ class Pipeline:
         shape each, the VAE's encode (I2V) on 5 frames and its decode on two passes of latent frames through
         the decode path generate takes, each DiT engine once (a torch DiT: pre, block 0 and post). Encoders
         run on the host (`encoders: host`) are left alone: nothing to load there, and a CPU umT5 call costs
-        seconds. Outputs are dropped and nothing is cached, so results do not change. sizes: the engines' built profiles, else the model's
-        sample size (an I2V video's size follows its image's aspect ratio: pass the sizes requests will have,
-        `output_size`). Returns the seconds it took."""
+        seconds. Outputs are dropped and nothing is cached, so results do not change. sizes: the engines' built
+        profiles, else the model's sample size (an I2V video's size follows its image's aspect ratio: pass the
+        sizes requests will have, `output_size`). Returns the seconds it took."""
         t0 = time.perf_counter()
         if sizes is None:
             profiles = self.manifest["profiles"] if self.manifest else []
