@@ -7,9 +7,11 @@ result = pipe.generate(image="cat.png", prompt="a cat walks on the beach", seed=
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -161,6 +163,19 @@ def output_size(cfg: ModelConfig, image: torch.Tensor | None, height: int, width
     return i2v_size(image.shape[1:], height * width) if cfg.dit.i2v else (height, width)
 
 
+def _one_request_at_a_time(method):
+    """Serialize the calls that run models on one Pipeline. A service's threads may share it: their requests
+    queue instead of interleaving on the GPU, where two would need twice the activation memory (an OOM on a 24
+    GB card), and each request's peak-memory figures (process-wide counters, reset per request) stay its own."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return call
+
+
 class Pipeline:
     def __init__(
         self, cfg: ModelConfig, parts: dict, device: str, load_s: float = 0.0, manifest: dict | None = None
@@ -173,6 +188,7 @@ class Pipeline:
         self.decode_tile = None  # default spatial VAE tile (engine directories: their GPU config's)
         self.decode_chunk = 1  # latent frames per VAE decode pass
         self.load_phases = {}  # seconds per load phase, where the loader records them
+        self._lock = threading.RLock()
 
     @classmethod
     def load(cls, ckpt: Path, model: str | ModelConfig = "tiny", device: str = "cpu", dtype=None, attn: str = "sdpa",
@@ -295,6 +311,7 @@ class Pipeline:
         log.info("loaded in %.1f s (%s)", pipe.load_s, ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
         return pipe
 
+    @_one_request_at_a_time
     @torch.no_grad()
     def warm_up(self, sizes: list[tuple[int, int]] | None = None) -> float:
         """Run every model once at the shapes of requests for videos of these (height, width) sizes, so the
@@ -388,6 +405,7 @@ class Pipeline:
         cond, uncond = replace(cond, clip_fea=clip_fea, y=y), replace(uncond, clip_fea=clip_fea, y=y)
         return cond, uncond, (1, self.cfg.vae.z_dim, lat_t, h // 8, w // 8)
 
+    @_one_request_at_a_time
     @torch.no_grad()
     def generate(self, image=None, prompt: str = "", negative_prompt: str | None = None, steps: int | None = None,
                  seed: int = 0, teacache: float = 0.0, teacache_signal: str = "e", guide_scale: float | None = None,

@@ -166,6 +166,39 @@ def test_generate_is_deterministic_and_writes_a_real_mp4(pipe, tmp_path):
     assert frames.shape == a.frames.shape
 
 
+def test_requests_from_several_threads_queue_on_one_pipeline(pipe, monkeypatch):
+    """A service's threads share one Pipeline: their requests run one at a time, each as it would alone."""
+    import threading
+    import time
+
+    alone = pipe.generate(image=EXAMPLE, prompt="a cat walks on the beach", seed=7, steps=2)
+    running, most = [0], [0]
+    encode = pipe.encode
+
+    def counted(*args, **kwargs):  # slow enough that unserialized requests would overlap here
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        try:
+            return encode(*args, **kwargs)
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(pipe, "encode", counted)
+    results = [None] * 3
+
+    def request(i):
+        results[i] = pipe.generate(image=EXAMPLE, prompt="a cat walks on the beach", seed=7, steps=2)
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1
+    assert all(torch.equal(r.latents, alone.latents) for r in results)
+
+
 def test_generate_streams_the_mp4_while_decoding(pipe, tmp_path):
     """With `out`, each decoded chunk goes to the encoder at once: the file holds exactly the frames returned."""
     r = pipe.generate(
