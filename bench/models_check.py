@@ -5,6 +5,7 @@ MP4. A check that the shapes, engines, VAE sizes and memory work for the models 
 (I2V-14B-720P, T2V-14B, T2V-1.3B), with times and peaks recorded; not a benchmark of them.
 
     python bench/models_check.py --model i2v-14b-720p --steps 2 --out bench/results     (one model a call)
+    python bench/models_check.py --model i2v-14b-720p --fp8 --stage prepare; ... --fp8 --stage finish
 """
 
 from __future__ import annotations
@@ -36,37 +37,60 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--fp8", action="store_true", help="also calibrate and quantize (ModelOpt); FP8 engines")
+    ap.add_argument("--stage", choices=("all", "prepare", "finish"), default="all",
+                    help="prepare: the checkpoints; finish: build and generate from --work (two device calls where "
+                         "one does not fit in 10 minutes; the host keeps /tmp while warm)")  # fmt: skip
     ap.add_argument("--work", default="/tmp/x2v-models")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from x2v.runtime.pipeline import Pipeline
-    from x2v.runtime.video import read_mp4
-
     cfg = load_model_config(args.model)
-    cuda = (
-        torch.cuda.is_available()
-    )  # without a GPU: ONNX Runtime engines on the CPU (a smoke run of the script)
+    cuda = torch.cuda.is_available()  # without a GPU: ONNX Runtime engines on the CPU (a smoke run)
     gpu = ("h200" if "H200" in torch.cuda.get_device_name() else "h100") if cuda else "cpu"
-    work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)  # a 14B checkpoint is 45 GB: one model on the disk at a time
-    ckpt, engines = work / "ckpt", work / "engines"
-    res = {"model": args.model, "gpu_config": gpu, "steps": args.steps}
     device = "cuda" if cuda else "cpu"
-    res["make_checkpoint_s"] = run(
-        "make-checkpoint", "--model", args.model, "--out", str(ckpt), "--device", device
-    )
-    res["checkpoint_gb"] = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 1e9
+    work = Path(args.work)
+    ckpt, engines, state = work / "ckpt", work / "engines", work / "prepared.json"
+    name = f"models_check_{args.model}" + ("_fp8" if args.fp8 else "")
+    if args.stage != "finish":
+        shutil.rmtree(work, ignore_errors=True)  # a 14B checkpoint is 45 GB: one model on the disk at a time
+        res = {"model": args.model, "gpu_config": gpu, "steps": args.steps, "fp8": args.fp8}
+        res["make_checkpoint_s"] = run(
+            "make-checkpoint", "--model", args.model, "--out", str(ckpt), "--device", device
+        )
+        res["checkpoint_gb"] = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 1e9
+        if args.fp8:  # the table's calibration: 4 steps of the default set, 2 a process
+            res["calibrate_s"] = run("calibrate", "--model", args.model, "--ckpt", str(ckpt), "--steps", "4",
+                                     "--steps-per-run", "2", "--device", device)  # fmt: skip
+            res["quantize_s"] = run(
+                "quantize", "--model", args.model, "--ckpt", str(ckpt), "--device", device
+            )
+        state.write_text(json.dumps(res))
+        if args.stage == "prepare":
+            print(json.dumps(res, indent=1))
+            return
+    res = json.loads(state.read_text())
     res["profile"] = request_profile(cfg)  # the example image's aspect at the model's pixel area (I2V)
+    dit = ["--dit", "dit-fp8"] if res["fp8"] else []
     res["build_s"] = run("build", "--model", args.model, "--ckpt", str(ckpt), "--gpu", gpu, "--out", str(engines),
-                         "--no-autotune", "--profile", res["profile"])  # fmt: skip
+                         "--no-autotune", "--profile", res["profile"], *dit)  # fmt: skip
     manifest = json.loads((engines / "manifest.json").read_text())
     res["engines"] = {k: manifest.get(k) for k in ("precision", "attention", "backend", "profiles")}
+    generate(res, cfg, ckpt, engines, work / "out.mp4", args.steps)
+    res["env"] = environment()
+    print(json.dumps({k: v for k, v in res.items() if k != "env"}, indent=1, default=str))
+    print(write_result(name, res, args.out))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def generate(res: dict, cfg, ckpt: Path, engines: Path, out: Path, steps: int) -> None:
+    from x2v.runtime.pipeline import Pipeline
+    from x2v.runtime.video import read_mp4
 
     pipe = Pipeline.from_engines(engines, ckpt)
     res["load_s"], res["load_phases"] = pipe.load_s, pipe.load_phases
     image = IMAGE if cfg.dit.i2v else None
-    r = pipe.generate(image=image, prompt=PROMPT, seed=SEED, steps=args.steps, out=work / "out.mp4")
-    video = read_mp4(work / "out.mp4")
+    r = pipe.generate(image=image, prompt=PROMPT, seed=SEED, steps=steps, out=out)
+    video = read_mp4(out)
     res["timings"] = r.timings
     res["video"] = {"frames_shape": list(r.frames.shape), "mp4_shape": list(video.shape),
                     "pixel_mean": float(r.frames.mean()), "pixel_std": float(r.frames.std()),
@@ -78,10 +102,6 @@ def main() -> None:
         and r.frames.shape[0] == cfg.sample.frames
         and float(np.std(r.frames)) > 0
     )
-    res["env"] = environment()
-    print(json.dumps({k: v for k, v in res.items() if k != "env"}, indent=1, default=str))
-    print(write_result(f"models_check_{args.model}", res, args.out))
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
