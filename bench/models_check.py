@@ -1,6 +1,6 @@
 """Every Wan2.1 variant at full size on this GPU, the way a user runs it: a random checkpoint in the official
 layout (`x2v-export make-checkpoint`), engines for this card (`x2v-export build --gpu ...`, the config's
-attention and backend, bf16 weights), then `Pipeline.from_engines` and a short `generate` with guidance to an
+attention and backend; bf16 weights, or FP8 after `calibrate` and `quantize` with --fp8), then `Pipeline.from_engines` and a short `generate` with guidance to an
 MP4. A check that the shapes, engines, VAE sizes and memory work for the models the speed table does not run
 (I2V-14B-720P, T2V-14B, T2V-1.3B), with times and peaks recorded; not a benchmark of them.
 

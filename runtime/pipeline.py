@@ -165,8 +165,9 @@ def output_size(cfg: ModelConfig, image: torch.Tensor | None, height: int, width
 
 def _one_request_at_a_time(method):
     """Serialize the calls that run models on one Pipeline. A service's threads may share it: their requests
-    queue instead of interleaving on the GPU, where two would need twice the activation memory (an OOM on a 24
-    GB card), and each request's peak-memory figures (process-wide counters, reset per request) stay its own."""
+    queue instead of interleaving on the GPU, where two would hold two requests' activations at once (past a 24
+    GB card's memory with the 14B models), and each request's peak-memory figures (process-wide counters, reset
+    per request) stay its own."""
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
