@@ -5,7 +5,7 @@ MP4. A check that the shapes, engines, VAE sizes and memory work for the models 
 (I2V-14B-720P, T2V-14B, T2V-1.3B), with times and peaks recorded; not a benchmark of them.
 
     python bench/models_check.py --model i2v-14b-720p --steps 2 --out bench/results     (one model a call)
-    python bench/models_check.py --model i2v-14b-720p --fp8 --stage prepare; ... --fp8 --stage finish
+    python bench/models_check.py --model i2v-14b-720p --fp8 --until calibrate; ... --fp8   (two calls)
 """
 
 from __future__ import annotations
@@ -33,14 +33,18 @@ def run(*args: str) -> float:
     return time.perf_counter() - t0
 
 
+STEPS = ("checkpoint", "calibrate", "quantize", "build", "generate")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--fp8", action="store_true", help="also calibrate and quantize (ModelOpt); FP8 engines")
-    ap.add_argument("--stage", choices=("all", "prepare", "finish"), default="all",
-                    help="prepare: the checkpoints; finish: build and generate from --work (two device calls where "
-                         "one does not fit in 10 minutes; the host keeps /tmp while warm)")  # fmt: skip
+    ap.add_argument("--until", choices=STEPS, default="generate",
+                    help="stop after this step; the next call resumes from --work (steps done are not redone): "
+                         "one 10-minute device call does not hold all of them at 720P, and /tmp lives while the "
+                         "host is warm")  # fmt: skip
     ap.add_argument("--work", default="/tmp/x2v-models")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -49,35 +53,48 @@ def main() -> None:
     gpu = ("h200" if "H200" in torch.cuda.get_device_name() else "h100") if cuda else "cpu"
     device = "cuda" if cuda else "cpu"
     work = Path(args.work)
-    ckpt, engines, state = work / "ckpt", work / "engines", work / "prepared.json"
-    name = f"models_check_{args.model}" + ("_fp8" if args.fp8 else "")
-    if args.stage != "finish":
+    ckpt, engines, state = work / "ckpt", work / "engines", work / "state.json"
+    res = {"model": args.model, "gpu_config": gpu, "steps": args.steps, "fp8": args.fp8}
+    done = json.loads(state.read_text()) if state.is_file() else {}
+    if {k: done.get(k) for k in res} == res:
+        res = done
+        print(f"resuming {args.model} in {work}: done {', '.join(k[:-2] for k in done if k.endswith('_s'))}")
+    else:
         shutil.rmtree(work, ignore_errors=True)  # a 14B checkpoint is 45 GB: one model on the disk at a time
-        res = {"model": args.model, "gpu_config": gpu, "steps": args.steps, "fp8": args.fp8}
-        res["make_checkpoint_s"] = run(
-            "make-checkpoint", "--model", args.model, "--out", str(ckpt), "--device", device
-        )
-        res["checkpoint_gb"] = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 1e9
-        if args.fp8:  # the table's calibration: 4 steps of the default set, 2 a process
-            res["calibrate_s"] = run("calibrate", "--model", args.model, "--ckpt", str(ckpt), "--steps", "4",
-                                     "--steps-per-run", "2", "--device", device)  # fmt: skip
-            res["quantize_s"] = run(
-                "quantize", "--model", args.model, "--ckpt", str(ckpt), "--device", device
+    export = lambda step, *a: run(step, "--model", args.model, "--ckpt", str(ckpt), *a)
+    for step in STEPS:
+        if f"{step}_s" in res or (step in ("calibrate", "quantize") and not args.fp8):
+            continue
+        if step == "checkpoint":
+            res["checkpoint_s"] = run(
+                "make-checkpoint", "--model", args.model, "--out", str(ckpt), "--device", device
             )
-        state.write_text(json.dumps(res))
-        if args.stage == "prepare":
-            print(json.dumps(res, indent=1))
-            return
-    res = json.loads(state.read_text())
-    res["profile"] = request_profile(cfg)  # the example image's aspect at the model's pixel area (I2V)
-    dit = ["--dit", "dit-fp8"] if res["fp8"] else []
-    res["build_s"] = run("build", "--model", args.model, "--ckpt", str(ckpt), "--gpu", gpu, "--out", str(engines),
-                         "--no-autotune", "--profile", res["profile"], *dit)  # fmt: skip
-    manifest = json.loads((engines / "manifest.json").read_text())
-    res["engines"] = {k: manifest.get(k) for k in ("precision", "attention", "backend", "profiles")}
-    generate(res, cfg, ckpt, engines, work / "out.mp4", args.steps)
+            res["checkpoint_gb"] = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 1e9
+        elif step == "calibrate":  # the table's: 4 steps of the default set's prompts, 2 of them captured
+            res["calibrate_s"] = export(
+                "calibrate", "--steps", "4", "--steps-per-run", "2", "--device", device
+            )
+        elif step == "quantize":
+            res["quantize_s"] = export("quantize", "--device", device)
+        elif step == "build":
+            # the example image's aspect at the model's pixel area (I2V)
+            res["profile"] = request_profile(cfg)
+            dit = ["--dit", "dit-fp8"] if args.fp8 else []
+            res["build_s"] = export("build", "--gpu", gpu, "--out", str(engines), "--no-autotune",
+                                    "--profile", res["profile"], *dit)  # fmt: skip
+            manifest = json.loads((engines / "manifest.json").read_text())
+            res["engines"] = {k: manifest.get(k) for k in ("precision", "attention", "backend", "profiles")}
+        else:
+            generate(res, cfg, ckpt, engines, work / "out.mp4", args.steps)
+        state.write_text(json.dumps(res, default=str))
+        if step == args.until:
+            break
+    if "generate_s" not in res:
+        print(json.dumps(res, indent=1, default=str))
+        return
     res["env"] = environment()
     print(json.dumps({k: v for k, v in res.items() if k != "env"}, indent=1, default=str))
+    name = f"models_check_{args.model}" + ("_fp8" if args.fp8 else "")
     print(write_result(name, res, args.out))
     shutil.rmtree(work, ignore_errors=True)
 
@@ -86,6 +103,7 @@ def generate(res: dict, cfg, ckpt: Path, engines: Path, out: Path, steps: int) -
     from x2v.runtime.pipeline import Pipeline
     from x2v.runtime.video import read_mp4
 
+    t0 = time.perf_counter()
     pipe = Pipeline.from_engines(engines, ckpt)
     res["load_s"], res["load_phases"] = pipe.load_s, pipe.load_phases
     image = IMAGE if cfg.dit.i2v else None
@@ -102,6 +120,7 @@ def generate(res: dict, cfg, ckpt: Path, engines: Path, out: Path, steps: int) -
         and r.frames.shape[0] == cfg.sample.frames
         and float(np.std(r.frames)) > 0
     )
+    res["generate_s"] = time.perf_counter() - t0
 
 
 if __name__ == "__main__":
