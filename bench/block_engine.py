@@ -14,6 +14,8 @@ forward), the same inputs for every variant:
   *-exact-gelu    GELU as nn.GELU(approximate="tanh") (Inductor: libdevice tanhf), as before GELUTanh
   *-qkprep        Q and K normalized, rotated (Q quantized) inside the op (`sage_prep: fused`, x2v::sage_attention_rope)
   *-xsage         the two cross-attentions through the SageAttention op too (SDPA in every build)
+  *-at, *-attma   GEMMs autotuned at build (Inductor max-autotune: cuBLAS or Triton templates with fused
+                  epilogues), the latter with the persistent TMA templates
 Measured with `--no-op --no-streamed --variants fp8-sage-fused-fast,fp8-sage-tile-fast`
 (`block_quant_kernels-h200.json`): the op's own quantization kernels beat the fused torch ops by 1.1 ms a block.
 Per variant: build seconds, block time (median of device-event timings), a profiler breakdown of one call
@@ -45,6 +47,11 @@ from x2v.plugins import sage_attention as sage
 from x2v.runtime.config import load_model_config
 
 TILE = {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3}  # the best tile of every H200 sweep so far
+# AOTInductor max-autotune for the GEMMs, as `build` does where a GPU config says `autotune: true`: cuBLAS against
+# Triton templates, which can take the following pointwise work (bias, GELU, the FP8 cast) into their epilogue.
+AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"}
+# and with Inductor's persistent TMA templates (on Hopper the only Triton FP8 GEMMs with TMA loads)
+AUTOTUNE_TMA = {**AUTOTUNE, "triton.enable_persistent_tma_matmul": True}
 VARIANTS = {  # name: (model, attention, sage tile, traced quantization, FP8 fast accumulation, options)
     "bf16-sdpa": ("bf16", "sdpa", None, "kernels", False, {}),
     "fp8-sdpa": ("fp8", "sdpa", None, "kernels", False, {}),
@@ -63,6 +70,12 @@ VARIANTS = {  # name: (model, attention, sage tile, traced quantization, FP8 fas
     "fp8-sage-tile-fast-qkprep": ("fp8", "sage_op_rope", TILE, "kernels", True, {}),
     # the cross-attentions (32760 queries against 512 text and 257 image keys) through SageAttention too
     "fp8-sage-tile-fast-xsage": ("fp8", "sage_op", TILE, "kernels", True, {"cross": "sage_op"}),
+    # *-at: GEMMs autotuned (AUTOTUNE); *-attma: with the persistent TMA templates too (AUTOTUNE_TMA)
+    "bf16-sdpa-at": ("bf16", "sdpa", None, "kernels", False, {"inductor": AUTOTUNE}),
+    "fp8-sdpa-fast-at": ("fp8", "sdpa", None, "kernels", True, {"inductor": AUTOTUNE}),
+    "bf16-sdpa-attma": ("bf16", "sdpa", None, "kernels", False, {"inductor": AUTOTUNE_TMA}),
+    "fp8-sdpa-fast-attma": ("fp8", "sdpa", None, "kernels", True, {"inductor": AUTOTUNE_TMA}),
+    "fp8-sage-tile-fast-attma": ("fp8", "sage_op", TILE, "kernels", True, {"inductor": AUTOTUNE_TMA}),
 }
 
 
@@ -139,6 +152,12 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--no-op", dest="op", action="store_false", help="skip timing the attention op alone")
     ap.add_argument("--name", default="block_engine", help="result file name (block_engine-<card>.json)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="build no further variant once this many seconds have passed (the rounds still run)",
+    )
     ap.add_argument("--no-streamed", dest="streamed", action="store_false",
                     help="skip the 40-block forward with weights streamed from host memory")  # fmt: skip
     args = ap.parse_args()
@@ -167,7 +186,12 @@ def main():
         bf16_delta = (
             models["bf16"].configure(torch.bfloat16, "sdpa").blocks[0](*block_args).float() - tokens.float()
         )
+        start = time.perf_counter()
         for name in args.variants.split(","):
+            if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+                print(f"{name}: skipped, past --budget-s {args.budget_s:.0f}", flush=True)
+                res.setdefault("skipped", []).append(name)
+                continue
             kind, attn, tile, quant, fast, opts = VARIANTS[name]
             model = models[kind].configure(torch.bfloat16, attn)
             for b in model.blocks:
@@ -180,7 +204,7 @@ def main():
             sage.TILE, sage.TRACED_QUANT = tile, quant
             t0 = time.perf_counter()
             path = d / f"block-{name}.pt2"
-            E.export_aoti(model, "block", shape, path, "cuda")
+            E.export_aoti(model, "block", shape, path, "cuda", opts.get("inductor"))
             r = {"build_s": time.perf_counter() - t0}
             blk = load_pt2(path)
             args0 = (tokens, e0, ctx, cos, sin, *E.engine_weights(model, "block"))
@@ -204,12 +228,16 @@ def main():
     attn = {k: sum(ms for kind, ms in r["kernels"]["by_kind_ms"].items() if "attention" in kind)
             for k, r in res["variants"].items()}  # fmt: skip
     res["summary"] = {k: {"block_ms": v[k], "attention_ms": attn[k], "rest_ms": v[k] - attn[k]} for k in v}
-    for fp8 in ("fp8-sdpa", "fp8-sdpa-fast"):  # issue 5's two ratios
-        if "bf16-sdpa" in v and fp8 in v:
-            summary = res["summary"]
-            summary[f"{fp8}/bf16 block, SDPA in both"] = v[fp8] / v["bf16-sdpa"]
-            summary[f"{fp8}/bf16 rest (linear and elementwise)"] = (
-                summary[fp8]["rest_ms"] / summary["bf16-sdpa"]["rest_ms"]
+    summary = res["summary"]
+    pairs = [
+        (f, "bf16-sdpa") for f in ("fp8-sdpa", "fp8-sdpa-fast", "fp8-sdpa-fast-at", "fp8-sdpa-fast-attma")
+    ]
+    pairs += [("fp8-sdpa-fast-at", "bf16-sdpa-at"), ("fp8-sdpa-fast-attma", "bf16-sdpa-attma")]
+    for fp8, bf16 in pairs:
+        if bf16 in v and fp8 in v:  # issue 5's two ratios
+            summary[f"{fp8}/{bf16} block, SDPA in both"] = v[fp8] / v[bf16]
+            summary[f"{fp8}/{bf16} rest (linear and elementwise)"] = (
+                summary[fp8]["rest_ms"] / summary[bf16]["rest_ms"]
             )
     print("summary", json.dumps(res["summary"]), flush=True)
     print(f"wrote {write_result(args.name, res, args.out)}")
