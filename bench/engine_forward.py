@@ -218,6 +218,9 @@ def main():
             write_result(args.name, res, args.out)
         res["interleaved_ms"] = interleaved(forwards, args.reps)
         log("interleaved_ms", res["interleaved_ms"])
+        # the fixed order every earlier file used (bf16 first), to see what the order itself does
+        res["interleaved_fixed_order_ms"] = interleaved(forwards, args.reps, rotate=False)
+        log("interleaved_fixed_order_ms", res["interleaved_fixed_order_ms"])
     v, inter = res["variants"], res["interleaved_ms"]
     res["ratios"] = {}
     if "bf16-sdpa" in v:
@@ -233,10 +236,18 @@ def main():
                 res["ratios"][f"engine {name} / engine bf16-sdpa, interleaved"] = (
                     inter[name] / inter["bf16-sdpa"]
                 )
+                fixed = res["interleaved_fixed_order_ms"]
+                res["ratios"][f"engine {name} / engine bf16-sdpa, interleaved in a fixed order"] = (
+                    fixed[name] / fixed["bf16-sdpa"]
+                )
                 if "sdpa" in name:
                     res["ratios"][f"linear part engine {name} / engine bf16"] = (
                         v[name]["linear_elementwise_ms"]["engine"] / bf16_linear
                     )
+                    attn = res["attention_x40_ms"]["sdpa"]
+                    res["ratios"][f"linear part engine {name} / engine bf16, interleaved"] = (
+                        inter[name] - attn
+                    ) / (inter["bf16-sdpa"] - attn)
     log("ratios", res["ratios"])
     print(f"wrote {write_result(args.name, res, args.out)}")
 
