@@ -44,6 +44,9 @@ def main() -> None:
                     help="stop after this step; the next call resumes from --work (steps done are not redone): "
                          "one 10-minute device call does not hold all of them at 720P, and /tmp lives while the "
                          "host is warm")  # fmt: skip
+    ap.add_argument("--calib-prompts", type=int, default=None,
+                    help="calibrate on the first N prompts of the default set (all 4 by default): at 720P each "
+                         "takes ~100 s, and the four leave no room for quantize and build in one call")  # fmt: skip
     ap.add_argument("--work", default="/tmp/x2v-models")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -53,7 +56,8 @@ def main() -> None:
     device = "cuda" if cuda else "cpu"
     work = Path(args.work)
     ckpt, engines, state = work / "ckpt", work / "engines", work / "state.json"
-    res = {"model": args.model, "gpu_config": gpu, "steps": args.steps, "fp8": args.fp8}
+    res = {"model": args.model, "gpu_config": gpu, "steps": args.steps, "fp8": args.fp8,
+           "calib_prompts": args.calib_prompts}  # fmt: skip
     done = json.loads(state.read_text()) if state.is_file() else {}
     if {k: done.get(k) for k in res} == res:
         res = done
@@ -71,8 +75,9 @@ def main() -> None:
             res["checkpoint_gb"] = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 1e9
         elif step == "calibrate":  # the table's: 4 steps of the default set's prompts, 2 of them captured
             res["calibrate_s"] = export(
-                "calibrate", "--steps", "4", "--steps-per-run", "2", "--device", device
-            )
+                "calibrate", "--steps", "4", "--steps-per-run", "2", "--device", device,
+                *(["--set", str(first_prompts(work, args.calib_prompts))] if args.calib_prompts else []),
+            )  # fmt: skip
         elif step == "quantize":
             res["quantize_s"] = export("quantize", "--device", device)
         elif step == "build":
@@ -96,6 +101,23 @@ def main() -> None:
     name = f"models_check_{args.model}" + ("_fp8" if args.fp8 else "")
     print(write_result(name, res, args.out))
     shutil.rmtree(work, ignore_errors=True)
+
+
+def first_prompts(work: Path, n: int) -> Path:
+    """A calibration set of the default set's first `n` samples (image paths made absolute), under `work`."""
+    import yaml
+
+    from x2v.runtime.config import CONFIG_DIR
+
+    default = CONFIG_DIR.parent / "calibration" / "sets" / "default.yaml"
+    samples = yaml.safe_load(default.read_text())["samples"][:n]
+    for s in samples:
+        if s.get("image"):
+            s["image"] = str((default.parent / s["image"]).resolve())
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"calib-{n}.yaml"
+    path.write_text(yaml.safe_dump({"samples": samples}))
+    return path
 
 
 def generate(res: dict, cfg, ckpt: Path, engines: Path, out: Path, steps: int) -> None:
