@@ -6,6 +6,7 @@ MP4. A check that the shapes, engines, VAE sizes and memory work for the models 
 
     python bench/models_check.py --model i2v-14b-720p --steps 2 --out bench/results     (one model a call)
     python bench/models_check.py --model i2v-14b-720p --fp8 --until calibrate; ... --fp8   (two calls)
+    python bench/models_check.py --model i2v-14b-720p --fp8 --calib-prompts 1 --until build; ... (two calls)
 """
 
 from __future__ import annotations
