@@ -110,19 +110,19 @@ def time_cuda(fn, warmup: int = 3, reps: int = 10, hide_launch: bool = False) ->
             "host_launch": "hidden" if hide_launch else "counted"}  # fmt: skip
 
 
-def interleaved(calls: dict, reps: int, rotate: bool = True) -> dict:
+def interleaved(calls: dict, reps: int, rotate: bool = True, hide_launch: bool = False) -> dict:
     """Median ms of each call over `reps` rounds that run every call once, in turn (device events).
 
     Each round starts one call further along: at the card's power limit the clock a call starts at depends on
     what ran just before it, and in a fixed order every call has the same predecessor in every round (an FP8
     block always after the bf16 one). Rotating gives each call every predecessor equally often; `rotate=False`
-    is the fixed order measured before."""
+    is the fixed order measured before. hide_launch: as in event_ms (the GPU's time alone)."""
     names = list(calls)
     times = {k: [] for k in names}
     for r in range(reps):
         start = r % len(names) if rotate else 0
         for k in names[start:] + names[:start]:
-            times[k].append(event_ms(calls[k]))
+            times[k].append(event_ms(calls[k], hide_launch=hide_launch))
     return {k: statistics.median(t) for k, t in times.items()}
 
 

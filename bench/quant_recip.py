@@ -14,12 +14,11 @@ Interleaved medians (GPU time), and how many E4M3 values the two forms round dif
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import environment, event_ms, write_result
+from bench.common import environment, interleaved, write_result
 from x2v.export.dit import GELUTanh
 from x2v.export.fp8 import E4M3, E4M3_MAX, quantize
 
@@ -69,11 +68,7 @@ def main() -> None:
             "count": int((a.view(torch.uint8) != b.view(torch.uint8)).sum()),
             "of": a.numel(),
         }
-        times = {k: [] for k in calls}
-        for _ in range(args.reps):  # interleaved rounds, the host's launch hidden
-            for k, call in calls.items():
-                times[k].append(event_ms(call, hide_launch=True))
-        res["forms"][name] = {k: statistics.median(t) for k, t in times.items()}
+        res["forms"][name] = interleaved(calls, args.reps, hide_launch=True)
         print(name, res["forms"][name], res["differ"][name], flush=True)
     res["env"] = environment()
     print(write_result("quant_recip", res, args.out))
