@@ -105,16 +105,12 @@ def main() -> None:
 
 
 def first_prompts(work: Path, n: int) -> Path:
-    """A calibration set of the default set's first `n` samples (image paths made absolute), under `work`."""
+    """A calibration set of the default set's first `n` samples (image paths absolute), under `work`."""
     import yaml
 
-    from x2v.runtime.config import CONFIG_DIR
+    from x2v.calibration.capture import DEFAULT_SET, load_set
 
-    default = CONFIG_DIR.parent / "calibration" / "sets" / "default.yaml"
-    samples = yaml.safe_load(default.read_text())["samples"][:n]
-    for s in samples:
-        if s.get("image"):
-            s["image"] = str((default.parent / s["image"]).resolve())
+    samples = [{**s, "image": s["image"] and str(s["image"])} for s in load_set(DEFAULT_SET)[:n]]
     work.mkdir(parents=True, exist_ok=True)
     path = work / f"calib-{n}.yaml"
     path.write_text(yaml.safe_dump({"samples": samples}))

@@ -16,6 +16,9 @@ import torch
 from x2v.runtime.engines import sha256_file
 
 FIELDS = ("x", "t", "context", "clip_fea", "y")
+DEFAULT_SET = (
+    Path(__file__).resolve().parent / "sets" / "default.yaml"
+)  # the small set tests and GPU checks use
 
 
 class CalibrationError(ValueError):

@@ -67,10 +67,10 @@ def calibrate(model, ckpt, calib_set, steps_per_run, steps, out, device):
 
     from x2v.calibration import capture
     from x2v.runtime.checkpoint import CheckpointError
-    from x2v.runtime.config import CONFIG_DIR, ConfigError, load_model_config
+    from x2v.runtime.config import ConfigError, load_model_config
     from x2v.runtime.pipeline import InputError, Pipeline
 
-    calib_set = calib_set or CONFIG_DIR.parent / "calibration" / "sets" / "default.yaml"
+    calib_set = calib_set or capture.DEFAULT_SET
     out = out or Path(ckpt) / "calibration.safetensors"
     try:
         cfg = load_model_config(model)

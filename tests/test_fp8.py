@@ -16,7 +16,7 @@ from x2v.runtime.checkpoint import CheckpointError, read_state_dict, resolve
 from x2v.runtime.config import CONFIG_DIR, ConfigError, load_gpu_config, load_model_config
 from x2v.runtime.pipeline import Pipeline
 
-CALIB_SET = CONFIG_DIR.parent / "calibration" / "sets" / "default.yaml"
+CALIB_SET = capture.DEFAULT_SET
 FIELDS = capture.FIELDS
 
 
