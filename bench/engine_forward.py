@@ -3,7 +3,8 @@
     python bench/engine_forward.py [--model i2v-14b-480p] [--out DIR]     (writes engine_forward-<card>.json)
 
 Variants: bf16 + SDPA, FP8 + SDPA, FP8 + SageAttention, and the FP8 ones with fast accumulation in their
-GEMMs (`-fast`, GPU configs' `fp8_fast_accum`); `--variants` picks some. Each gets an AOTInductor `block` engine (weights as
+GEMMs (`-fast`, GPU configs' `fp8_fast_accum`) and ffn.0's GELU + FP8 cast in its GEMM (`-gelu`,
+`fp8_gelu_epilogue`); `--variants` picks some. Each gets an AOTInductor `block` engine (weights as
 inputs, one engine for all 40 blocks); `pre` and `post` engines are shared (they hold no quantized layer).
 For each: one-forward time of eager torch and of the engines, parity of the block engine against the eager
 block of the same variant, and of the whole forward against the eager bf16 forward. The attention kernels
@@ -86,12 +87,14 @@ def sage_op_package(q, k, v, path: Path):
     return load_pt2(path)
 
 
-VARIANTS = {  # name: (FP8, attention, fast accumulation)
-    "bf16-sdpa": (False, "sdpa", False),
-    "fp8-sdpa": (True, "sdpa", False),
-    "fp8-sdpa-fast": (True, "sdpa", True),
-    "fp8-sage": (True, "sage_op", False),
-    "fp8-sage-fast": (True, "sage_op", True),
+VARIANTS = {  # name: (FP8, attention, fast accumulation, GELU + FP8 cast in ffn.0's epilogue)
+    "bf16-sdpa": (False, "sdpa", False, False),
+    "fp8-sdpa": (True, "sdpa", False, False),
+    "fp8-sdpa-fast": (True, "sdpa", True, False),
+    "fp8-sdpa-fast-gelu": (True, "sdpa", True, True),
+    "fp8-sage": (True, "sage_op", False, False),
+    "fp8-sage-fast": (True, "sage_op", True, False),
+    "fp8-sage-fast-gelu": (True, "sage_op", True, True),
 }
 
 
@@ -172,10 +175,10 @@ def main():
 
         forwards = {}
         for name in args.variants.split(","):
-            quantized, attn, fast = VARIANTS[name]
+            quantized, attn, fast, gelu = VARIANTS[name]
             model = (fp8 if quantized else bf16).configure(torch.bfloat16, attn)
             if quantized:
-                configure_fp8(model, "cuda", fast_accum=fast)
+                configure_fp8(model, "cuda", fast_accum=fast, gelu_epilogue=gelu)
             r = {"eager": time_cuda(lambda m=model: m(**x), 1, args.reps)["median_ms"]}
             eager_block = model.blocks[0](*pre_out[0:1], pre_out[2], *pre_out[3:])
             t0 = time.perf_counter()

@@ -112,6 +112,27 @@ class GELUTanh(nn.Module):
         return (y * torch.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))).to(x.dtype)
 
 
+class FeedForward(nn.Sequential):
+    """ffn.0, GELU, ffn.2 (the checkpoint's keys). With `gelu_epilogue` (FP8 linears with static scales,
+    set by export.fp8.configure_fp8) ffn.0's GEMM writes ffn.2's FP8 input itself: the bf16 activation,
+    [L, 13824] at 480P, is never stored (export/fp8_kernels.py)."""
+
+    gelu_epilogue = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.gelu_epilogue:
+            return super().forward(x)
+        from x2v.export import fp8_kernels  # noqa: F401  (registers the op)
+        from x2v.export.fp8 import quantize
+
+        up, _, down = self
+        x2 = x.reshape(-1, x.shape[-1])
+        xs, hs = up.input_scale.float(), down.input_scale.float()
+        h = torch.ops.x2v.fp8_gelu_linear(quantize(x2, xs), up.weight, xs, up.weight_scale, up.bias, hs,
+                                          up.fast_accum)  # fmt: skip
+        return down.product(h, hs, x.dtype).reshape(*x.shape[:-1], down.out_features)
+
+
 class WanLayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the input dtype (returns float32)."""
 
@@ -194,7 +215,7 @@ class WanBlock(nn.Module):
         self.norm3 = WanLayerNorm(dim, cfg.eps, elementwise_affine=True)
         self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps, cfg.i2v, cfg.text_len)
         self.norm2 = WanLayerNorm(dim, cfg.eps)
-        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), GELUTanh(), nn.Linear(cfg.ffn_dim, dim))
+        self.ffn = FeedForward(nn.Linear(dim, cfg.ffn_dim), GELUTanh(), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))
 
     def forward(self, x, e0, context, cos, sin):

@@ -86,26 +86,30 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         xs = self.input_scale.float() if self.static else token_scales(x2)
-        ws = self.weight_scale.float()
         if self.impl == "scaled_mm":
             out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-            rowwise = self.channel or not self.static
-            m, n = x2.shape[0], self.out_features
-            out = torch._scaled_mm(
-                quantize(x2, xs),
-                self.weight.t(),
-                scale_a=xs.expand(m, 1) if rowwise else xs,
-                scale_b=(ws[None] if self.channel else ws.expand(1, n)) if rowwise else ws,
-                out_dtype=out_dtype,
-                use_fast_accum=self.fast_accum,
-            )
-            if self.bias is not None:
-                out = out + self.bias.to(out_dtype)
+            out = self.product(quantize(x2, xs), xs, out_dtype)
         else:
+            ws = self.weight_scale.float()
             xq = fp8_dequantize(fp8_quantize(x2, xs), xs)
             w = fp8_dequantize(self.weight, ws[:, None] if self.channel else ws)
             out = F.linear(xq, w, None if self.bias is None else self.bias.float())
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def product(self, q: torch.Tensor, xs: torch.Tensor, out_dtype) -> torch.Tensor:
+        """[M, K] E4M3 input quantized with scale xs (one value or [M, 1]) -> [M, N] out_dtype, bias added."""
+        ws = self.weight_scale.float()
+        rowwise = self.channel or xs.numel() > 1
+        m, n = q.shape[0], self.out_features
+        out = torch._scaled_mm(
+            q,
+            self.weight.t(),
+            scale_a=xs.expand(m, 1).contiguous() if rowwise else xs,  # cuBLAS wants it dense
+            scale_b=(ws[None] if self.channel else ws.expand(1, n)) if rowwise else ws,
+            out_dtype=out_dtype,
+            use_fast_accum=self.fast_accum,
+        )
+        return out if self.bias is None else out + self.bias.to(out_dtype)
 
 
 def quantized_names(state) -> list[str]:
@@ -174,12 +178,16 @@ def swap_linears(model: nn.Module, names, channel, static: bool, bias_dtype=torc
     return model
 
 
-def configure_fp8(model: nn.Module, device, impl: str | None = None, fast_accum: bool = False) -> str:
+def configure_fp8(model: nn.Module, device, impl: str | None = None, fast_accum: bool = False,
+                  gelu_epilogue: bool = False) -> str:  # fmt: skip
     """Pick the FP8 product for every FP8Linear: `torch._scaled_mm` where the GPU has FP8 units.
 
     fast_accum: let the GEMM keep its partial sums in the tensor cores' FP8 accumulator (about 22 bits of
     mantissa on Hopper) instead of adding them into FP32 registers every few K-steps; fewer instructions
     and less energy per GEMM, which counts at the power limit (GPU configs' `fp8_fast_accum`).
+    gelu_epilogue: the FFN's up-projection writes the down-projection's FP8 input from its GEMM's epilogue
+    (export/fp8_kernels.py; GPU configs' `fp8_gelu_epilogue`). Needs static activation scales and TMA
+    (sm90+); where either is missing the FFN runs unfused and the log says why.
     """
     impl = impl or ("scaled_mm" if fp8_supported(device) else "dequant")
     if (
@@ -192,4 +200,32 @@ def configure_fp8(model: nn.Module, device, impl: str | None = None, fast_accum:
     for m in model.modules():
         if isinstance(m, FP8Linear):
             m.impl, m.fast_accum = impl, fast_accum
+    # FFNs whose two linears are both FP8 (blocks kept in high precision have plain ones)
+    ffns = [m for m in model.modules() if hasattr(m, "gelu_epilogue")]
+    fp8_ffns = [m for m in ffns if isinstance(m[0], FP8Linear) and isinstance(m[2], FP8Linear)]
+    for m in ffns:
+        m.gelu_epilogue = False
+    if gelu_epilogue and fp8_ffns:
+        reason = epilogue_unsupported(fp8_ffns, device, impl)
+        if reason:
+            log.warning("FP8 GELU epilogue not used (%s): the FFN casts in a kernel of its own", reason)
+        else:
+            for m in fp8_ffns:
+                m.gelu_epilogue = True
     return impl
+
+
+def epilogue_unsupported(ffns, device, impl: str) -> str | None:
+    """Why these FP8 FFNs cannot take the fused GELU epilogue, or None if they can."""
+    if any(f[0].bias is None for f in ffns):
+        return "ffn.0 has no bias"
+    if not all(f[0].static and f[2].static for f in ffns):
+        return (
+            "activations are quantized per token at run time; the epilogue needs ffn.2's static input scale"
+        )
+    if impl != "scaled_mm":
+        return f"FP8 runs dequantized on {device}"
+    device = torch.device(device)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+        return f"its kernel reads through TMA descriptors (sm90+), not on {device}"
+    return None

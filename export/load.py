@@ -43,12 +43,13 @@ def build(part: str, cfg: ModelConfig) -> torch.nn.Module:
 
 
 def load_dit(ckpt: Path, cfg: ModelConfig, dtype=torch.bfloat16, sensitive_fp32=False, device="cpu", attn="sdpa",
-             dit_file: str | None = None, fp8_fast_accum: bool = False):  # fmt: skip
+             dit_file: str | None = None, fp8_fast_accum: bool = False, fp8_gelu_epilogue: bool = False):  # fmt: skip
     """The DiT with weights converted to `dtype` as they are read (float32 for the sensitive layers if asked).
 
     dit_file overrides the config's DiT file (a stem or file name in `ckpt`, or a path): for example the
     FP8 checkpoint `x2v-export quantize` wrote, or a LightX2V FP8 file. FP8 checkpoints are recognized by
-    their `.weight_scale` keys; their linears become FP8Linear modules (fp8_fast_accum: see configure_fp8).
+    their `.weight_scale` keys; their linears become FP8Linear modules (fp8_fast_accum, fp8_gelu_epilogue: see
+    configure_fp8).
     """
     from x2v.export.dit import is_sensitive
     from x2v.export.fp8 import (
@@ -76,7 +77,7 @@ def load_dit(ckpt: Path, cfg: ModelConfig, dtype=torch.bfloat16, sensitive_fp32=
         swap_linears(model, names, channel, static=f"{names[0]}.input_scale" in state, bias_dtype=dtype)
     model = load_strict(model, state, sources)
     model = model.to(device).eval().requires_grad_(False).configure(dtype=dtype, attn=attn)
-    configure_fp8(model, device, fast_accum=fp8_fast_accum)
+    configure_fp8(model, device, fast_accum=fp8_fast_accum, gelu_epilogue=fp8_gelu_epilogue)
     return model
 
 

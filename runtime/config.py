@@ -267,6 +267,9 @@ class GPUConfig:
     # FP8 GEMMs of the engines accumulate in the tensor cores instead of promoting to FP32 every few K-steps
     # (torch._scaled_mm's use_fast_accum; TensorRT picks its own accumulation)
     fp8_fast_accum: bool = False
+    # The FFN's up-projection GEMM writes the down-projection's FP8 input from its epilogue (bias, GELU, FP8
+    # cast) instead of a bf16 activation a separate kernel reads back (export/fp8_kernels.py; AOTInductor, sm90+)
+    fp8_gelu_epilogue: bool = False
     # How AOTInductor engines prepare Q and K for SageAttention: "kernels" (Inductor's norm/RoPE kernels, then
     # the op's quantization kernels) or "fused" (the op takes the projections: norm, RoPE and Q's INT8 in one
     # pass, x2v::sage_attention_rope). ONNX/TensorRT engines take the x2v::SageAttention node either way.
@@ -301,7 +304,7 @@ def load_gpu_config(name: str) -> GPUConfig:
         raise ConfigError(f"{path}: dit_weights must be resident or stream, found {cfg.dit_weights!r}")
     if cfg.sage_prep not in ("kernels", "fused"):
         raise ConfigError(f"{path}: sage_prep must be kernels or fused, found {cfg.sage_prep!r}")
-    for flag in ("expandable_segments", "fp8_fast_accum"):
+    for flag in ("expandable_segments", "fp8_fast_accum", "fp8_gelu_epilogue"):
         if not isinstance(getattr(cfg, flag), bool):
             raise ConfigError(f"{path}: {flag} must be true or false, found {getattr(cfg, flag)!r}")
     tile = cfg.sage_tile

@@ -2,6 +2,8 @@
 without ModelOpt (x2v's static recipe and LightX2V's dynamic one), and refusal of bad scale tensors."""
 
 import dataclasses
+import importlib.util
+import os
 import subprocess
 import sys
 
@@ -226,3 +228,115 @@ def test_calibrate_refuses_what_it_cannot_capture(tiny_ckpt, tmp_path):
     assert r.exit_code == 2 and "6 captured steps per prompt asked of a 4-step schedule" in r.output, r.output
     r = run(main, ["calibrate", "--ckpt", str(tmp_path / "nowhere")])
     assert r.exit_code == 2 and "checkpoint directory not found" in r.output, r.output
+
+
+def fp8_ffn(dim=64, hidden=128, channel=False, static=True):
+    """A FeedForward of two FP8 linears at realistic scales (what a calibrated checkpoint loads)."""
+    from x2v.export.dit import FeedForward, GELUTanh
+
+    torch.manual_seed(0)
+    ffn = FeedForward(FP8Linear(dim, hidden, channel=channel, static=static), GELUTanh(),
+                      FP8Linear(hidden, dim, static=static))  # fmt: skip
+    for lin, amax in ((ffn[0], 4.0), (ffn[2], 1.5)):
+        w = torch.randn(lin.out_features, lin.in_features) * 0.1
+        ws = w.abs().amax(1) / 448 if lin.channel else w.abs().amax() / 448
+        lin.weight, lin.weight_scale = quantize(w, ws[:, None] if lin.channel else ws), ws
+        lin.bias = (torch.randn(lin.out_features) * 0.1).bfloat16()
+        if static:
+            lin.input_scale = torch.tensor(amax / 448)
+    return ffn
+
+
+def fp8_steps(a, b):
+    """|a - b| in E4M3 steps (codes of one sign are ordered like their values)."""
+    ia, ib = a.view(torch.uint8).int(), b.view(torch.uint8).int()
+    return torch.where((ia >> 7) == (ib >> 7), (ia - ib).abs(), (ia & 127) + (ib & 127))
+
+
+@pytest.mark.parametrize("channel", [False, True])
+def test_the_gelu_epilogue_ffn_computes_what_the_unfused_ffn_does(channel):
+    """ffn.0's product, bias, GELU and ffn.2's input cast in one op (its CPU kernel is the reference the GPU
+    kernel is tested against) against the FFN run op by op: the same FFN output, ffn.2's FP8 input at most one
+    step apart (the unfused FFN rounds its bias add to bf16 and takes GELU through tanh)."""
+    from x2v.export import fp8_kernels as FK
+
+    ffn = fp8_ffn(channel=channel)
+    configure_fp8(ffn, "cpu", impl="scaled_mm")
+    x = (torch.randn(2, 40, 64) * 1.3).bfloat16()
+    unfused = ffn(x)
+    ffn.gelu_epilogue = True  # what configure_fp8 sets on an sm90 GPU
+    fused = ffn(x)
+    assert fused.dtype == unfused.dtype == torch.bfloat16 and fused.shape == unfused.shape
+    assert ((fused.float() - unfused.float()).norm() / unfused.float().norm()) < 0.01
+
+    up, down = ffn[0], ffn[2]
+    q = quantize(x.reshape(-1, 64), up.input_scale)
+    h_ref = quantize(torch.nn.functional.gelu(up.product(q, up.input_scale, torch.bfloat16), approximate="tanh"),
+                     down.input_scale)  # fmt: skip
+    h = FK.gelu_fp8_reference(q, up.weight, up.input_scale, up.weight_scale, up.bias, down.input_scale)
+    steps = fp8_steps(h, h_ref)
+    assert steps.max() <= 1 and (steps > 0).float().mean() < 0.05
+
+
+def test_the_gelu_epilogue_is_refused_aloud_where_it_cannot_run(caplog):
+    for ffn, device, reason in (
+        (fp8_ffn(), "cpu", "TMA descriptors"),
+        (fp8_ffn(static=False), "cpu", "quantized per token"),
+    ):
+        with caplog.at_level("WARNING", logger="x2v"):
+            configure_fp8(ffn, device, impl="scaled_mm", gelu_epilogue=True)
+        assert not ffn.gelu_epilogue and reason in caplog.text
+    with pytest.raises(ValueError, match="do not multiply"):
+        torch.ops.x2v.fp8_gelu_linear(*(quantize(torch.randn(8, n), torch.tensor(1.0)) for n in (32, 48)),
+                                      *[torch.tensor(1.0)] * 2, torch.zeros(8), torch.tensor(1.0), True)  # fmt: skip
+
+
+GEMM_INTERPRETED = """
+import torch
+import triton.runtime.interpreter as interp
+
+# Triton 3.6's interpreter turns a loop bound into an int with int(array of shape (1,)), which NumPy 2.4
+# refuses; take the element instead.
+patch = interp._patch_lang_tensor
+def patched(tensor, scope):
+    patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+interp._patch_lang_tensor = patched
+
+from x2v.export import fp8_kernels as FK
+from tests.test_fp8 import fp8_steps
+
+def truncated(x):  # float32 -> bf16 toward zero, as the interpreter converts (a GPU rounds)
+    return (x.float().contiguous().view(torch.int32) & -65536).view(torch.float32)
+
+torch.manual_seed(0)
+m, k, n = 200, 64, 96  # partial row and column tiles, two K steps, more tiles than programs
+for channel in (False, True):
+    x, w = torch.randn(m, k) * 2, torch.randn(n, k) * 0.05
+    xs, ws = x.abs().amax() / 448, (w.abs().amax(1) if channel else w.abs().amax()) / 448
+    q = (x / xs).to(torch.float8_e4m3fn)
+    wq = (w / (ws[:, None] if channel else ws)).to(torch.float8_e4m3fn)
+    bias, so = (torch.randn(n) * 0.1).bfloat16(), torch.tensor(0.01)
+    out = FK.launch(q, wq, xs, ws, bias, so, True, wrap=lambda f: f, num_sms=3,
+                    tile=dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=2))
+    # the reference with the interpreter's bf16 conversions, before its FP8 cast
+    y = truncated(q.float() @ wq.float().t() * (xs * ws)) + bias.float()
+    pre = truncated(y * torch.sigmoid(FK.GELU_C * (y + 0.044715 * y * y * y))) / so
+    ref = pre.clamp(-448, 448).to(torch.float8_e4m3fn)
+    # The interpreter's FP8 rounding does not carry into the exponent (1.111b rounds up to 1.000b at the
+    # same exponent): leave out the elements whose correct rounding carries.
+    cut = (pre.view(torch.int32) & ~((1 << 20) - 1)).view(torch.float32)
+    carries = torch.frexp(ref.float())[1] != torch.frexp(cut)[1]
+    print(fp8_steps(out[~carries], ref[~carries]).max().item(), carries.float().mean().item())
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
+def test_the_gelu_epilogue_kernel_agrees_with_its_reference_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", GEMM_INTERPRETED], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.split("\n") if line]
+    # a wrong index, mask, scale or stride gives tens of steps; the GEMM's fp16 partial sums one at most
+    assert len(rows) == 2 and all(int(s) <= 1 and float(c) < 0.15 for s, c in rows), rows
