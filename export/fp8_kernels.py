@@ -9,7 +9,7 @@ GELU taken in float32, rounded to bf16 (the module's output dtype), divided by t
 Only the GEMM's summation order differs.
 
 A persistent kernel: one program per SM walks the output tiles in grouped order, loading A and W through
-TMA descriptors (K-major both, as FP8 wgmma needs). `torch.ops.x2v.fp8_gelu_linear` is a
+TMA descriptors it makes itself (K-major both, as FP8 wgmma needs). `torch.ops.x2v.fp8_gelu_linear` is a
 `torch.library.triton_op`, so AOTInductor compiles the kernel into the block engine like any of its own.
 """
 
@@ -31,11 +31,17 @@ except ImportError:  # the CPU install: the reference below is all that runs the
 if triton is not None:
 
     @triton.jit
-    def gelu_fp8_gemm(a_desc, w_desc, c_desc, x_scale, w_scale, bias, out_scale, M, N, K,
+    def gelu_fp8_gemm(a, w, c, x_scale, w_scale, bias, out_scale, M, N, K,
                       CHANNEL: tl.constexpr, FAST_ACCUM: tl.constexpr, NUM_SMS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr):  # fmt: skip
         """c [M, N] = quantize(gelu(bf16(a [M, K] . w [N, K]^T * x_scale * w_scale) + bias) / out_scale)."""
+        # Descriptors made on the device: torch's tracing of triton_op bodies (export, AOTInductor) does not
+        # take host-side TensorDescriptor arguments (torch 2.11); the scratch they need comes from the
+        # allocator Triton is given (`launch`) or from AOTInductor's wrapper.
+        a_desc = tl.make_tensor_descriptor(a, [M, K], [K, 1], [BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w, [N, K], [K, 1], [BLOCK_N, BLOCK_K])
+        c_desc = tl.make_tensor_descriptor(c, [M, N], [N, 1], [BLOCK_M, BLOCK_N])
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)
@@ -75,11 +81,15 @@ def gelu_fp8_reference(q, w, x_scale, w_scale, bias, out_scale):
     return (g / out_scale.float()).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
+def _scratch(size: int, alignment: int, stream):
+    """Global memory for the kernel's TMA descriptors (128 bytes a program) when it runs outside a compiled
+    graph; Inductor installs the same allocator for its own kernels."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 def launch(q, w, x_scale, w_scale, bias, out_scale, fast_accum, wrap=None, num_sms=None, tile=None):
     """Run the kernel. wrap: torch.library.wrap_triton inside the op; tests pass `lambda f: f` for the
     interpreter. num_sms: the persistent grid (the device's SM count by default)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     t = dict(TILE, **(tile or {}))
     bm, bn, bk = t["BLOCK_M"], t["BLOCK_N"], t["BLOCK_K"]
     m, k = q.shape
@@ -88,11 +98,9 @@ def launch(q, w, x_scale, w_scale, bias, out_scale, fast_accum, wrap=None, num_s
     if num_sms is None:
         num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    triton.set_allocator(_scratch)
     (wrap or torch.library.wrap_triton)(gelu_fp8_gemm)[(min(num_sms, tiles),)](
-        TensorDescriptor.from_tensor(q, [bm, bk]),
-        TensorDescriptor.from_tensor(w, [bn, bk]),
-        TensorDescriptor.from_tensor(out, [bm, bn]),
-        x_scale, w_scale, bias, out_scale, m, n, k,
+        q, w, out, x_scale, w_scale, bias, out_scale, m, n, k,
         CHANNEL=w_scale.numel() > 1, FAST_ACCUM=fast_accum, NUM_SMS=num_sms,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=t["GROUP_M"],
         num_warps=t["num_warps"], num_stages=t["num_stages"],
