@@ -29,6 +29,7 @@ except ImportError:  # the CPU install: the reference below is all that runs the
     triton = None
 
 if triton is not None:
+    _C, _MAX = tl.constexpr(GELU_C), tl.constexpr(E4M3_MAX)
 
     @triton.jit
     def gelu_fp8_gemm(a, w, c, x_scale, w_scale, bias, out_scale, M, N, K,
@@ -55,12 +56,12 @@ if triton is not None:
             pid_n = (tile % (GROUP_M * num_n)) // size_m
             acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
             for ki in range(k_tiles):
-                a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
-                w = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+                a_tile = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+                w_tile = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
                 if FAST_ACCUM:  # partial sums stay in the tensor cores' accumulator (Triton's sm90 default)
-                    acc = tl.dot(a, w.T, acc)
+                    acc = tl.dot(a_tile, w_tile.T, acc)
                 else:  # added into float32 registers after every MMA
-                    acc = tl.dot(a, w.T, acc, max_num_imprecise_acc=0)
+                    acc = tl.dot(a_tile, w_tile.T, acc, max_num_imprecise_acc=0)
             cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             if CHANNEL:
                 ws = tl.load(w_scale + cols, mask=cols < N, other=1.0)[None, :]
@@ -68,8 +69,8 @@ if triton is not None:
                 ws = tl.load(w_scale)
             y = (acc * (xs * ws)).to(tl.bfloat16).to(tl.float32)
             y = y + tl.load(bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-            g = (y * tl.sigmoid(GELU_C * (y + 0.044715 * y * y * y))).to(tl.bfloat16).to(tl.float32)
-            q = tl.clamp(g / so, -E4M3_MAX, E4M3_MAX)
+            g = (y * tl.sigmoid(_C * (y + 0.044715 * y * y * y))).to(tl.bfloat16).to(tl.float32)
+            q = tl.clamp(g / so, -_MAX, _MAX)
             c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], q.to(tl.float8e4nv))
 
 
