@@ -20,7 +20,9 @@ import torch
 E4M3_MAX = 448.0
 GELU_C = 1.5957691216057308  # 2 * sqrt(2 / pi): 0.5 (1 + tanh z) = sigmoid(2 z)
 # H200 best of Inductor's FP8 TMA templates at these shapes (bench/results/block_autotune.log)
-TILE = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+# PROGRAMS_PER_SM > 1: several persistent programs share an SM, so one's epilogue can overlap another's MMAs
+TILE = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3,
+        "PROGRAMS_PER_SM": 1}  # fmt: skip
 
 try:
     import triton
@@ -90,14 +92,15 @@ def _scratch(size: int, alignment: int, stream):
 
 def launch(q, w, x_scale, w_scale, bias, out_scale, fast_accum, wrap=None, num_sms=None, tile=None):
     """Run the kernel. wrap: torch.library.wrap_triton inside the op; tests pass `lambda f: f` for the
-    interpreter. num_sms: the persistent grid (the device's SM count by default)."""
+    interpreter. num_sms: the persistent grid (the device's SM count times the tile's PROGRAMS_PER_SM by
+    default)."""
     t = dict(TILE, **(tile or {}))
     bm, bn, bk = t["BLOCK_M"], t["BLOCK_N"], t["BLOCK_K"]
     m, k = q.shape
     n = w.shape[0]
     out = torch.empty(m, n, dtype=torch.float8_e4m3fn, device=q.device)
     if num_sms is None:
-        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count * t["PROGRAMS_PER_SM"]
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     triton.set_allocator(_scratch)
     (wrap or torch.library.wrap_triton)(gelu_fp8_gemm)[(min(num_sms, tiles),)](
