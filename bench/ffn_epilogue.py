@@ -71,18 +71,19 @@ def main():
     b1, b2 = (torch.randn(o, device="cuda").bfloat16() * 0.05 for o in (hid, dim))
     with torch.no_grad():
         h_amax = (GELUTanh()(nn.functional.linear(x.float(), w1, b1.float()))).abs().amax().item()
-        ffn = FeedForward(
-            fp8_linear(w1, b1, x.float().abs().amax().item()), GELUTanh(), fp8_linear(w2, b2, h_amax)
-        )
+        up = fp8_linear(w1, b1, x.float().abs().amax().item())
+        down = fp8_linear(w2, b2, h_amax)
+        # two modules over the same linears: a compiled function guards on the flag and would recompile
+        ffn = FeedForward(up, GELUTanh(), down)
+        ffn_fused = FeedForward(up, GELUTanh(), down)
         configure_fp8(ffn, "cuda", fast_accum=True, gelu_epilogue=False)
+        configure_fp8(ffn_fused, "cuda", fast_accum=True, gelu_epilogue=True)
+        assert ffn_fused.gelu_epilogue and not ffn.gelu_epilogue, "the epilogue was refused on this GPU"
         res = {"model": cfg.name, "tokens": n, "dim": dim, "ffn_dim": hid, "fast_accum": True}
 
         unfused = torch.compile(lambda t: ffn(t), fullgraph=True, dynamic=False)
-        ref_out = unfused(x)
-        configure_fp8(ffn, "cuda", fast_accum=True, gelu_epilogue=True)
-        assert ffn.gelu_epilogue, "the epilogue was refused on this GPU"
-        fused = torch.compile(lambda t: ffn(t), fullgraph=True, dynamic=False)
-        out = fused(x)
+        fused = torch.compile(lambda t: ffn_fused(t), fullgraph=True, dynamic=False)
+        ref_out, out = unfused(x), fused(x)
         res["ffn_out_vs_unfused"] = rel_err(out.float(), ref_out.float())
 
         up, down = ffn[0], ffn[2]

@@ -49,7 +49,10 @@ if triton is not None:
         num_n = tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)
         xs = tl.load(x_scale)
-        so = tl.load(out_scale)
+        # Triton's fp32 `/` is div.full.f32: x * rcp.approx(y), plus range fix-ups for |y| outside
+        # [2^-126, 2^126] that it repeats for every element; a static scale lies inside, where g * (1 / so)
+        # gives the same bits without them.
+        inv_so = 1.0 / tl.load(out_scale)
         for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
             # GROUP_M row tiles share each column of W while it is in L2
             group = tile // (GROUP_M * num_n)
@@ -72,7 +75,7 @@ if triton is not None:
             y = (acc * (xs * ws)).to(tl.bfloat16).to(tl.float32)
             y = y + tl.load(bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
             g = (y * tl.sigmoid(_C * (y + 0.044715 * y * y * y))).to(tl.bfloat16).to(tl.float32)
-            q = tl.clamp(g / so, -_MAX, _MAX)
+            q = tl.clamp(g * inv_so, -_MAX, _MAX)
             c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], q.to(tl.float8e4nv))
 
 
