@@ -130,6 +130,22 @@ def main():
             print(k, [(t["kernel"][:60], round(t["ms"], 3)) for t in v["top_ms"]], flush=True)
         u, f = res["ffn_ms"]["ffn unfused (compiled)"], res["ffn_ms"]["ffn fused (compiled)"]
         res["ffn_fused_saves_ms"] = u - f
+        write_result("ffn_epilogue", res, args.out)
+
+        # The fused FFN in an AOTInductor package (the block engines' compiler), per load path. TMA last: its
+        # descriptors need global scratch the package's launcher may not provide (an illegal access is fatal).
+        res["aoti"] = {}
+        for tma in (False, True):
+            FK.TILE["TMA"] = tma
+            ep = torch.export.export(ffn_fused, (x,), strict=False)
+            path = torch._inductor.aoti_compile_and_package(ep, package_path=f"/tmp/ffn-{tma}.pt2")
+            pkg = torch._inductor.aoti_load_package(path)
+            r = rel_err(pkg(x).float(), out.float())
+            torch.cuda.synchronize()
+            r["ms"] = time_cuda(lambda pkg=pkg: pkg(x), 3, args.reps, hide_launch=True)["median_ms"]
+            res["aoti"]["tma" if tma else "ptr"] = r
+            print("aoti", "tma" if tma else "ptr", r, flush=True)
+            write_result("ffn_epilogue", res, args.out)
     print(f"wrote {write_result('ffn_epilogue', res, args.out)}")
 
 

@@ -228,4 +228,8 @@ def epilogue_unsupported(ffns, device, impl: str) -> str | None:
     device = torch.device(device)
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
         return f"its kernel reads through TMA descriptors (sm90+), not on {device}"
+    from x2v.export.fp8_kernels import TILE
+
+    if any(f[0].in_features % TILE["BLOCK_K"] for f in ffns):
+        return f"the model width is not a multiple of the kernel's K block ({TILE['BLOCK_K']})"
     return None

@@ -22,7 +22,7 @@ GELU_C = 1.5957691216057308  # 2 * sqrt(2 / pi): 0.5 (1 + tanh z) = sigmoid(2 z)
 # H200 best of Inductor's FP8 TMA templates at these shapes (bench/results/block_autotune.log)
 # PROGRAMS_PER_SM > 1: several persistent programs share an SM, so one's epilogue can overlap another's MMAs
 TILE = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3,
-        "PROGRAMS_PER_SM": 1}  # fmt: skip
+        "PROGRAMS_PER_SM": 1, "TMA": True}  # fmt: skip
 
 try:
     import triton
@@ -37,14 +37,15 @@ if triton is not None:
     def gelu_fp8_gemm(a, w, c, x_scale, w_scale, bias, out_scale, M, N, K,
                       CHANNEL: tl.constexpr, FAST_ACCUM: tl.constexpr, NUM_SMS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr):  # fmt: skip
+                      GROUP_M: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
         """c [M, N] = quantize(gelu(bf16(a [M, K] . w [N, K]^T * x_scale * w_scale) + bias) / out_scale)."""
         # Descriptors made on the device: torch's tracing of triton_op bodies (export, AOTInductor) does not
         # take host-side TensorDescriptor arguments (torch 2.11); the scratch they need comes from the
         # allocator Triton is given (`launch`) or from AOTInductor's wrapper.
-        a_desc = tl.make_tensor_descriptor(a, [M, K], [K, 1], [BLOCK_M, BLOCK_K])
-        w_desc = tl.make_tensor_descriptor(w, [N, K], [K, 1], [BLOCK_N, BLOCK_K])
-        c_desc = tl.make_tensor_descriptor(c, [M, N], [N, 1], [BLOCK_M, BLOCK_N])
+        if TMA:
+            a_desc = tl.make_tensor_descriptor(a, [M, K], [K, 1], [BLOCK_M, BLOCK_K])
+            w_desc = tl.make_tensor_descriptor(w, [N, K], [K, 1], [BLOCK_N, BLOCK_K])
+            c_desc = tl.make_tensor_descriptor(c, [M, N], [N, 1], [BLOCK_M, BLOCK_N])
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)
@@ -60,14 +61,23 @@ if triton is not None:
             pid_m = group * GROUP_M + (tile % (GROUP_M * num_n)) % size_m
             pid_n = (tile % (GROUP_M * num_n)) // size_m
             acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            # pointer loads: rows past the end read row 0 (their results are not stored), K is whole blocks
+            ks = tl.arange(0, BLOCK_K)
+            a_ptrs = a + tl.where(rows < M, rows, 0)[:, None] * K + ks[None, :]
+            w_ptrs = w + tl.where(cols < N, cols, 0)[:, None] * K + ks[None, :]
             for ki in range(k_tiles):
-                a_tile = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
-                w_tile = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+                if TMA:
+                    a_tile = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+                    w_tile = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+                else:
+                    a_tile = tl.load(a_ptrs + ki * BLOCK_K)
+                    w_tile = tl.load(w_ptrs + ki * BLOCK_K)
                 if FAST_ACCUM:  # partial sums stay in the tensor cores' accumulator (Triton's sm90 default)
                     acc = tl.dot(a_tile, w_tile.T, acc)
                 else:  # added into float32 registers after every MMA
                     acc = tl.dot(a_tile, w_tile.T, acc, max_num_imprecise_acc=0)
-            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             if CHANNEL:
                 ws = tl.load(w_scale + cols, mask=cols < N, other=1.0)[None, :]
             else:
@@ -76,7 +86,11 @@ if triton is not None:
             y = y + tl.load(bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
             g = (y * tl.sigmoid(_C * (y + 0.044715 * y * y * y))).to(tl.bfloat16).to(tl.float32)
             q = tl.clamp(g * inv_so, -_MAX, _MAX)
-            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], q.to(tl.float8e4nv))
+            if TMA:
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], q.to(tl.float8e4nv))
+            else:
+                mask = (rows < M)[:, None] & (cols < N)[None, :]
+                tl.store(c + rows[:, None] * N + cols[None, :], q.to(tl.float8e4nv), mask=mask)
 
 
 def gelu_fp8_reference(q, w, x_scale, w_scale, bias, out_scale):
@@ -109,7 +123,7 @@ def launch(q, w, x_scale, w_scale, bias, out_scale, fast_accum, wrap=None, num_s
     (wrap or torch.library.wrap_triton)(gelu_fp8_gemm)[(min(num_sms, tiles),)](
         q, w, out, x_scale, w_scale, bias, out_scale, m, n, k,
         CHANNEL=w_scale.numel() > 1, FAST_ACCUM=fast_accum, NUM_SMS=num_sms,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=t["GROUP_M"],
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=t["GROUP_M"], TMA=t["TMA"],
         num_warps=t["num_warps"], num_stages=t["num_stages"],
     )  # fmt: skip
     return out
@@ -122,8 +136,8 @@ def check_inputs(q, w, x_scale, w_scale, bias, out_scale) -> None:
         raise ValueError(f"fp8_gelu_linear: input {q.dtype} and weight {w.dtype} must both be float8_e4m3fn")
     if q.dim() != 2 or w.dim() != 2 or q.shape[1] != w.shape[1]:
         raise ValueError(f"fp8_gelu_linear: input {list(q.shape)} and weight {list(w.shape)} do not multiply")
-    if q.shape[1] % 16 or w.shape[0] % 16:
-        raise ValueError(f"fp8_gelu_linear: TMA needs K and N multiples of 16 bytes, got {list(w.shape)}")
+    if w.shape[0] % 16:
+        raise ValueError(f"fp8_gelu_linear: N must be a multiple of 16, got weight {list(w.shape)}")
     if not (q.is_contiguous() and w.is_contiguous()):
         raise ValueError("fp8_gelu_linear: input and weight must be contiguous (K-major)")
     if bias.shape != (w.shape[0],) or w_scale.numel() not in (1, w.shape[0]):
@@ -139,6 +153,10 @@ def fp8_gelu_linear(q: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor, w_s
     """q [M, K] and w [N, K] float8_e4m3fn; x_scale, out_scale one float32 each; w_scale one or [N]; bias [N]
     -> [M, N] float8_e4m3fn: ffn.2's quantized input, straight from ffn.0's product."""
     check_inputs(q, w, x_scale, w_scale, bias, out_scale)
+    if q.shape[1] % TILE["BLOCK_K"]:
+        raise ValueError(
+            f"fp8_gelu_linear: K must be a multiple of {TILE['BLOCK_K']}, got weight {list(w.shape)}"
+        )
     return launch(q, w, x_scale.float(), w_scale.float(), bias, out_scale.float(), fast_accum)
 
 
