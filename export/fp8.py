@@ -186,8 +186,8 @@ def configure_fp8(model: nn.Module, device, impl: str | None = None, fast_accum:
     mantissa on Hopper) instead of adding them into FP32 registers every few K-steps; fewer instructions
     and less energy per GEMM, which counts at the power limit (GPU configs' `fp8_fast_accum`).
     gelu_epilogue: the FFN's up-projection writes the down-projection's FP8 input from its GEMM's epilogue
-    (export/fp8_kernels.py; GPU configs' `fp8_gelu_epilogue`). Needs static activation scales and TMA
-    (sm90+); where either is missing the FFN runs unfused and the log says why.
+    (export/fp8_kernels.py; GPU configs' `fp8_gelu_epilogue`). Needs static activation scales and FP8 tensor
+    cores; where either is missing the FFN runs unfused and the log says why.
     """
     impl = impl or ("scaled_mm" if fp8_supported(device) else "dequant")
     if (
@@ -226,8 +226,8 @@ def epilogue_unsupported(ffns, device, impl: str) -> str | None:
     if impl != "scaled_mm":
         return f"FP8 runs dequantized on {device}"
     device = torch.device(device)
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
-        return f"its kernel reads through TMA descriptors (sm90+), not on {device}"
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        return f"its kernel needs FP8 tensor cores (sm89+), not on {device}"
     from x2v.export.fp8_kernels import TILE
 
     if any(f[0].in_features % TILE["BLOCK_K"] for f in ffns):

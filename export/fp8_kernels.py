@@ -1,15 +1,25 @@
-"""The FFN's up-projection as one FP8 GEMM that writes the down-projection's FP8 input (Hopper, sm90).
+"""The FFN's up-projection as one FP8 GEMM that writes the down-projection's FP8 input (GPU configs'
+`fp8_gelu_epilogue`; off in every config, see the measurement below).
 
 Unfused, the FFN runs cuBLAS FP8 -> bf16 [L, 13824] (906 MB at 480P), then one kernel that reads it back,
-adds the bias, applies GELU and casts to FP8 with ffn.2's static scale (453 MB): 0.67-0.72 ms a block on
+adds the bias, applies GELU and casts to FP8 with ffn.2's static scale (453 MB): 0.62-0.70 ms a block on
 an H200, where the GEMM itself is 3.0 ms. Here the GEMM's epilogue does that work on the accumulator tile,
 so the bf16 activation is never written. The arithmetic is the unfused graph's, operation for operation
 (`gelu_fp8_reference`): the product scaled and rounded to bf16 (what cuBLAS hands over), the bias added and
 GELU taken in float32, rounded to bf16 (the module's output dtype), divided by the scale, saturated, cast.
-Only the GEMM's summation order differs.
+Only the GEMM's summation order differs (H200: ffn.2's input at most one FP8 step from the unfused one, on
+1.6 % of its elements).
 
-A persistent kernel: one program per SM walks the output tiles in grouped order, loading A and W through
-TMA descriptors it makes itself (K-major both, as FP8 wgmma needs). `torch.ops.x2v.fp8_gelu_linear` is a
+Measured on H200s (bench/results/ffn_epilogue-h200.json, engine_forward_gelu-h200.json): the kernel takes
+3.43 ms where cuBLAS's GEMM alone takes 3.03 (the epilogue runs between tiles, tensor cores idle), so the
+compiled FFN goes 6.88 -> 6.65-6.69 ms and a block engine's GEMM + elementwise kernels 16.75 -> 16.44 ms;
+a whole engine forward does not move (2351 vs 2353 ms, interleaved): at the 700 W cap the time saved comes
+back as attention time.
+
+A persistent kernel: one program per SM walks the output tiles in grouped order; A and W are loaded with
+pointers (K-major both, as FP8 MMAs want them). TMA descriptors made on the device were 0.6 % faster in an
+FFN-only package but failed with an illegal address inside the block engine (engine_forward_gelu_tma.log);
+torch 2.11 does not trace host-side descriptors through a triton_op. `torch.ops.x2v.fp8_gelu_linear` is a
 `torch.library.triton_op`, so AOTInductor compiles the kernel into the block engine like any of its own.
 """
 
@@ -19,10 +29,9 @@ import torch
 
 E4M3_MAX = 448.0
 GELU_C = 1.5957691216057308  # 2 * sqrt(2 / pi): 0.5 (1 + tanh z) = sigmoid(2 z)
-# H200 best of Inductor's FP8 TMA templates at these shapes (bench/results/block_autotune.log)
-# PROGRAMS_PER_SM > 1: several persistent programs share an SM, so one's epilogue can overlap another's MMAs
-TILE = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3,
-        "PROGRAMS_PER_SM": 1, "TMA": False}  # fmt: skip
+# Inductor's best FP8 template tile at these shapes on an H200 (block_autotune.log); best of the tiles in
+# ffn_epilogue.log too, where two programs an SM (128 x 128 or 64 x 256 tiles) were 16-70 % slower
+TILE = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 try:
     import triton
@@ -37,15 +46,8 @@ if triton is not None:
     def gelu_fp8_gemm(a, w, c, x_scale, w_scale, bias, out_scale, M, N, K,
                       CHANNEL: tl.constexpr, FAST_ACCUM: tl.constexpr, NUM_SMS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+                      GROUP_M: tl.constexpr):  # fmt: skip
         """c [M, N] = quantize(gelu(bf16(a [M, K] . w [N, K]^T * x_scale * w_scale) + bias) / out_scale)."""
-        # Descriptors made on the device: torch's tracing of triton_op bodies (export, AOTInductor) does not
-        # take host-side TensorDescriptor arguments (torch 2.11); the scratch they need comes from the
-        # allocator Triton is given (`launch`) or from AOTInductor's wrapper.
-        if TMA:
-            a_desc = tl.make_tensor_descriptor(a, [M, K], [K, 1], [BLOCK_M, BLOCK_K])
-            w_desc = tl.make_tensor_descriptor(w, [N, K], [K, 1], [BLOCK_N, BLOCK_K])
-            c_desc = tl.make_tensor_descriptor(c, [M, N], [N, 1], [BLOCK_M, BLOCK_N])
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)
@@ -63,17 +65,13 @@ if triton is not None:
             acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
             rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            # pointer loads: rows past the end read row 0 (their results are not stored), K is whole blocks
+            # rows past the end read row 0 (their results are not stored); K is whole blocks
             ks = tl.arange(0, BLOCK_K)
             a_ptrs = a + tl.where(rows < M, rows, 0)[:, None] * K + ks[None, :]
             w_ptrs = w + tl.where(cols < N, cols, 0)[:, None] * K + ks[None, :]
             for ki in range(k_tiles):
-                if TMA:
-                    a_tile = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
-                    w_tile = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
-                else:
-                    a_tile = tl.load(a_ptrs + ki * BLOCK_K)
-                    w_tile = tl.load(w_ptrs + ki * BLOCK_K)
+                a_tile = tl.load(a_ptrs + ki * BLOCK_K)
+                w_tile = tl.load(w_ptrs + ki * BLOCK_K)
                 if FAST_ACCUM:  # partial sums stay in the tensor cores' accumulator (Triton's sm90 default)
                     acc = tl.dot(a_tile, w_tile.T, acc)
                 else:  # added into float32 registers after every MMA
@@ -86,11 +84,8 @@ if triton is not None:
             y = y + tl.load(bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
             g = (y * tl.sigmoid(_C * (y + 0.044715 * y * y * y))).to(tl.bfloat16).to(tl.float32)
             q = tl.clamp(g * inv_so, -_MAX, _MAX)
-            if TMA:
-                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], q.to(tl.float8e4nv))
-            else:
-                mask = (rows < M)[:, None] & (cols < N)[None, :]
-                tl.store(c + rows[:, None] * N + cols[None, :], q.to(tl.float8e4nv), mask=mask)
+            mask = (rows < M)[:, None] & (cols < N)[None, :]
+            tl.store(c + rows[:, None] * N + cols[None, :], q.to(tl.float8e4nv), mask=mask)
 
 
 def gelu_fp8_reference(q, w, x_scale, w_scale, bias, out_scale):
@@ -101,29 +96,21 @@ def gelu_fp8_reference(q, w, x_scale, w_scale, bias, out_scale):
     return (g / out_scale.float()).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
-def _scratch(size: int, alignment: int, stream):
-    """Global memory for the kernel's TMA descriptors (128 bytes a program) when it runs outside a compiled
-    graph; Inductor installs the same allocator for its own kernels."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
 def launch(q, w, x_scale, w_scale, bias, out_scale, fast_accum, wrap=None, num_sms=None, tile=None):
     """Run the kernel. wrap: torch.library.wrap_triton inside the op; tests pass `lambda f: f` for the
-    interpreter. num_sms: the persistent grid (the device's SM count times the tile's PROGRAMS_PER_SM by
-    default)."""
+    interpreter. num_sms: the persistent grid (the device's SM count by default)."""
     t = dict(TILE, **(tile or {}))
     bm, bn, bk = t["BLOCK_M"], t["BLOCK_N"], t["BLOCK_K"]
     m, k = q.shape
     n = w.shape[0]
     out = torch.empty(m, n, dtype=torch.float8_e4m3fn, device=q.device)
     if num_sms is None:
-        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count * t["PROGRAMS_PER_SM"]
+        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    triton.set_allocator(_scratch)
     (wrap or torch.library.wrap_triton)(gelu_fp8_gemm)[(min(num_sms, tiles),)](
         q, w, out, x_scale, w_scale, bias, out_scale, m, n, k,
         CHANNEL=w_scale.numel() > 1, FAST_ACCUM=fast_accum, NUM_SMS=num_sms,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=t["GROUP_M"], TMA=t["TMA"],
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=t["GROUP_M"],
         num_warps=t["num_warps"], num_stages=t["num_stages"],
     )  # fmt: skip
     return out
