@@ -11,8 +11,8 @@ Only the GEMM's summation order differs (H200: ffn.2's input at most one FP8 ste
 1.6 % of its elements).
 
 Measured on H200s (bench/results/ffn_epilogue-h200.json, engine_forward_gelu-h200.json): the kernel takes
-3.43 ms where cuBLAS's GEMM alone takes 3.03 (the epilogue runs between tiles, tensor cores idle), so the
-compiled FFN goes 6.88 -> 6.65-6.69 ms and a block engine's GEMM + elementwise kernels 16.75 -> 16.44 ms;
+3.38-3.43 ms where cuBLAS's GEMM alone takes 2.96-3.03 (the epilogue runs between tiles, tensor cores idle), so the
+compiled FFN goes 6.74-6.88 -> 6.56-6.65 ms and a block engine's GEMM + elementwise kernels 16.75 -> 16.44 ms;
 a whole engine forward does not move (2351 vs 2353 ms, interleaved): at the 700 W cap the time saved comes
 back as attention time.
 
