@@ -11,10 +11,10 @@ Only the GEMM's summation order differs (H200: ffn.2's input at most one FP8 ste
 1.6 % of its elements).
 
 Measured on H200s (bench/results/ffn_epilogue-h200.json, engine_forward_gelu-h200.json): the kernel takes
-3.38-3.43 ms where cuBLAS's GEMM alone takes 2.96-3.03 (the epilogue runs between tiles, tensor cores idle), so the
-compiled FFN goes 6.74-6.88 -> 6.56-6.65 ms and a block engine's GEMM + elementwise kernels 16.75 -> 16.44 ms;
-a whole engine forward does not move (2351 vs 2353 ms, interleaved): at the 700 W cap the time saved comes
-back as attention time.
+3.38-3.43 ms where cuBLAS's GEMM alone takes 2.96-3.03 (the epilogue runs between tiles, tensor cores idle),
+so the compiled FFN goes 6.74-6.88 -> 6.56-6.65 ms and a block engine's GEMM + elementwise kernels 16.75 ->
+16.44 ms; a whole engine forward does not move (2351 vs 2353 ms, interleaved): at the 700 W cap the time
+saved comes back as attention time.
 
 A persistent kernel: one program per SM walks the output tiles in grouped order; A and W are loaded with
 pointers (K-major both, as FP8 MMAs want them). TMA descriptors made on the device were 0.6 % faster in an
@@ -136,7 +136,8 @@ def check_inputs(q, w, x_scale, w_scale, bias, out_scale) -> None:
 
 @torch.library.triton_op("x2v::fp8_gelu_linear", mutates_args={})
 def fp8_gelu_linear(q: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
-                    bias: torch.Tensor, out_scale: torch.Tensor, fast_accum: bool) -> torch.Tensor:  # fmt: skip
+                    bias: torch.Tensor, out_scale: torch.Tensor,
+                    fast_accum: bool) -> torch.Tensor:  # fmt: skip
     """q [M, K] and w [N, K] float8_e4m3fn; x_scale, out_scale one float32 each; w_scale one or [N]; bias [N]
     -> [M, N] float8_e4m3fn: ffn.2's quantized input, straight from ffn.0's product."""
     check_inputs(q, w, x_scale, w_scale, bias, out_scale)

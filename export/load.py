@@ -43,7 +43,8 @@ def build(part: str, cfg: ModelConfig) -> torch.nn.Module:
 
 
 def load_dit(ckpt: Path, cfg: ModelConfig, dtype=torch.bfloat16, sensitive_fp32=False, device="cpu", attn="sdpa",
-             dit_file: str | None = None, fp8_fast_accum: bool = False, fp8_gelu_epilogue: bool = False):  # fmt: skip
+             dit_file: str | None = None, fp8_fast_accum: bool = False,
+             fp8_gelu_epilogue: bool = False):  # fmt: skip
     """The DiT with weights converted to `dtype` as they are read (float32 for the sensitive layers if asked).
 
     dit_file overrides the config's DiT file (a stem or file name in `ckpt`, or a path): for example the

@@ -268,7 +268,7 @@ class GPUConfig:
     # (torch._scaled_mm's use_fast_accum; TensorRT picks its own accumulation)
     fp8_fast_accum: bool = False
     # The FFN's up-projection GEMM writes the down-projection's FP8 input from its epilogue (bias, GELU, FP8
-    # cast) instead of a bf16 activation a separate kernel reads back (export/fp8_kernels.py; AOTInductor, sm90+)
+    # cast) instead of a bf16 activation a separate kernel reads back (export/fp8_kernels.py; static FP8 scales)
     fp8_gelu_epilogue: bool = False
     # How AOTInductor engines prepare Q and K for SageAttention: "kernels" (Inductor's norm/RoPE kernels, then
     # the op's quantization kernels) or "fused" (the op takes the projections: norm, RoPE and Q's INT8 in one
