@@ -144,6 +144,12 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> dict:
     }
 
 
+def fp8_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| of two float8_e4m3fn tensors in E4M3 steps (codes of one sign are ordered like their values)."""
+    ia, ib = a.view(torch.uint8).int(), b.view(torch.uint8).int()
+    return torch.where((ia >> 7) == (ib >> 7), (ia - ib).abs(), (ia & 127) + (ib & 127))
+
+
 KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
     ("sage attention", ("attn_body", "attn_kernel", "quant_int8_kernel", "quant_v_kernel")),
     ("sdpa attention", ("flash", "fmha", "sdpa", "attention")),

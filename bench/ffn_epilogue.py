@@ -16,7 +16,7 @@ import argparse
 import torch
 from torch import nn
 
-from bench.common import interleaved, kernel_breakdown, rel_err, time_cuda, write_result
+from bench.common import fp8_steps, interleaved, kernel_breakdown, rel_err, time_cuda, write_result
 from x2v.export import engines as E
 from x2v.export import fp8_kernels as FK
 from x2v.export.dit import FeedForward, GELUTanh
@@ -40,12 +40,6 @@ def fp8_linear(w: torch.Tensor, b: torch.Tensor, x_amax: float) -> FP8Linear:
     m.bias.copy_(b)
     m.input_scale.fill_(x_amax / E4M3_MAX)
     return m
-
-
-def fp8_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """|a - b| in FP8 E4M3 steps (codes of the same sign are ordered like their values)."""
-    ia, ib = a.view(torch.uint8).int(), b.view(torch.uint8).int()
-    return torch.where((ia >> 7) == (ib >> 7), (ia - ib).abs(), (ia & 127) + (ib & 127))
 
 
 def main():

@@ -247,17 +247,12 @@ def fp8_ffn(dim=64, hidden=128, channel=False, static=True):
     return ffn
 
 
-def fp8_steps(a, b):
-    """|a - b| in E4M3 steps (codes of one sign are ordered like their values)."""
-    ia, ib = a.view(torch.uint8).int(), b.view(torch.uint8).int()
-    return torch.where((ia >> 7) == (ib >> 7), (ia - ib).abs(), (ia & 127) + (ib & 127))
-
-
 @pytest.mark.parametrize("channel", [False, True])
 def test_the_gelu_epilogue_ffn_computes_what_the_unfused_ffn_does(channel):
     """ffn.0's product, bias, GELU and ffn.2's input cast in one op (its CPU kernel is the reference the GPU
     kernel is tested against) against the FFN run op by op: the same FFN output, ffn.2's FP8 input at most one
     step apart (the unfused FFN rounds its bias add to bf16 and takes GELU through tanh)."""
+    from bench.common import fp8_steps
     from x2v.export import fp8_kernels as FK
 
     ffn = fp8_ffn(channel=channel)
@@ -304,7 +299,7 @@ def patched(tensor, scope):
 interp._patch_lang_tensor = patched
 
 from x2v.export import fp8_kernels as FK
-from tests.test_fp8 import fp8_steps
+from bench.common import fp8_steps
 
 def truncated(x):  # float32 -> bf16 toward zero, as the interpreter converts (a GPU rounds)
     return (x.float().contiguous().view(torch.int32) & -65536).view(torch.float32)
