@@ -3,7 +3,6 @@ without ModelOpt (x2v's static recipe and LightX2V's dynamic one), and refusal o
 
 import dataclasses
 import importlib.util
-import os
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.interpreted import run_interpreted
 from x2v.calibration import capture, ptq
 from x2v.export.fp8 import E4M3, FP8Linear, configure_fp8, quantize
 from x2v.export.load import load_dit
@@ -288,15 +288,6 @@ def test_the_gelu_epilogue_is_refused_aloud_where_it_cannot_run(caplog):
 
 GEMM_INTERPRETED = """
 import torch
-import triton.runtime.interpreter as interp
-
-# Triton 3.6's interpreter turns a loop bound into an int with int(array of shape (1,)), which NumPy 2.4
-# refuses; take the element instead.
-patch = interp._patch_lang_tensor
-def patched(tensor, scope):
-    patch(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-interp._patch_lang_tensor = patched
 
 from x2v.export import fp8_kernels as FK
 from bench.common import fp8_steps
@@ -328,10 +319,6 @@ for channel in (False, True):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
 def test_the_gelu_epilogue_kernel_agrees_with_its_reference_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", GEMM_INTERPRETED], capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [line.split() for line in out.stdout.split("\n") if line]
+    rows = [line.split() for line in run_interpreted(GEMM_INTERPRETED).split("\n") if line]
     # a wrong index, mask, scale or stride gives tens of steps; the GEMM's fp16 partial sums one at most
     assert len(rows) == 2 and all(int(s) <= 1 and float(c) < 0.15 for s, c in rows), rows

@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.interpreted import run_interpreted
 from tests.reference_wan import reference_forward
 from x2v.export.load import build, load_dit, load_part
 from x2v.runtime.checkpoint import CheckpointError, read_state_dict, resolve
@@ -308,16 +308,6 @@ def test_vae_hands_over_each_decoded_chunk_in_order(tiny_ckpt, tiny_cfg):
 
 RMS_SILU_INTERPRETED = """
 import torch
-import triton.runtime.interpreter as interp
-
-# Triton 3.6's interpreter turns a loop bound into an int with int(array of shape (1,)), which NumPy 2.4
-# refuses; take the element instead (as tests/test_sage.py does).
-patch = interp._patch_lang_tensor
-def patched(tensor, scope):
-    patch(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-interp._patch_lang_tensor = patched
-
 import torch.nn.functional as F
 from x2v.export.vae import RMSNorm
 from x2v.export.vae_kernels import add_bias_residual_cuda, frames_differ_cuda, rms_silu_cuda
@@ -356,12 +346,8 @@ def test_vae_norm_kernel_agrees_with_torch_in_the_interpreter():
     """The GPU's fused RMS norm + SiLU with the previous convolution's bias (channel-first and channels-last
     strides, masks for channel counts that are not powers of two, writing into a slice of a conv's input
     buffer), its bias + residual add, and the encode's repeated-frame test, in Triton's CPU interpreter."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run(
-        [sys.executable, "-c", RMS_SILU_INTERPRETED], capture_output=True, text=True, env=env
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [line.rsplit(" ", 1) for line in out.stdout.split("\n") if line]
+    out = run_interpreted(RMS_SILU_INTERPRETED)
+    rows = [line.rsplit(" ", 1) for line in out.split("\n") if line]
     errors = [float(v) for name, v in rows if name in ("norm", "residual")]
     untouched = [v for name, v in rows if name == "past frames untouched"]
     assert len(errors) == 8 and max(errors) < 1e-5, rows

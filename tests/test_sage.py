@@ -4,9 +4,6 @@ indexing, masking and strides; speed and exact FP8 numerics are checked on a GPU
 
 import importlib.util
 import logging
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -14,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.interpreted import run_interpreted
 from x2v.plugins import sage_attention as sage
 
 
@@ -134,15 +132,6 @@ def test_dit_swaps_attention_in_one_place(tiny_ckpt, tiny_cfg):
 
 INTERPRETED = textwrap.dedent("""
     import torch
-    import triton.runtime.interpreter as interp
-
-    # Triton 3.6's interpreter turns a loop bound into an int with int(array of shape (1,)), which NumPy 2.4
-    # refuses; take the element instead.
-    patch = interp._patch_lang_tensor
-    def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    interp._patch_lang_tensor = patched
 
     from x2v.plugins import sage_attention as sage, sage_kernels as K
     from tests.test_sage import realistic
@@ -162,11 +151,7 @@ INTERPRETED = textwrap.dedent("""
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
 def test_triton_kernels_agree_with_the_reference_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    errors = [float(x) for x in out.stdout.split()]
+    errors = [float(x) for x in run_interpreted(INTERPRETED).split()]
     # The interpreter rounds to FP8 less exactly than the GPU (2-3 % here, 0.3 % on an H200); a wrong index,
     # mask or stride gives errors of order 1.
     assert len(errors) == 6 and max(errors) < 0.05, errors
@@ -259,11 +244,8 @@ def test_q_and_k_prepared_from_projections_equal_the_models_norm_rope_then_quant
     """The op behind `sage_prep: fused` (norm_rope_kernel: RMSNorm, RoPE and Q's INT8 in one pass; K's mean from
     per-program sums) hands the attention kernel exactly what the DiT's norm and RoPE followed by the
     quantization kernels give, in Triton's interpreter (bf16 conversions there truncate: so does the reference)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", PREPARED], capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["1"] * 18, out.stdout
+    out = run_interpreted(PREPARED)
+    assert out.split() == ["1"] * 18, out
 
 
 def test_the_op_from_projections_is_the_dit_attention_it_replaces(tiny_ckpt, tiny_cfg, tmp_path):
