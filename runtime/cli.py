@@ -85,12 +85,24 @@ def generate(ckpt, engines, model, image, prompt, negative_prompt, out, steps, s
             if ckpt is None:
                 raise InputError("give --ckpt (a checkpoint directory) or --engines (an engine directory)")
             pipe = Pipeline.load(ckpt, cfg, device=device or "cpu", attn=attn, dit_file=dit_file)
-        n = steps or s.num_steps
-        with tqdm(total=n, desc="denoise", unit="step") as bar:
+        bars = []
+
+        def on_phase(name: str) -> None:  # the step bar covers the denoising steps only, not encode or decode
+            if bars:
+                bars.pop().close()
+            if name == "denoise":
+                bars.append(tqdm(total=steps or s.num_steps, desc="denoise", unit="step"))
+            else:
+                click.echo(f"{name} ...", err=True)
+
+        try:
             result = pipe.generate(image=image, prompt=prompt, negative_prompt=negative_prompt, steps=steps, seed=seed,
                                    teacache=teacache, teacache_signal=teacache_signal, frames=frames, height=height,
                                    width=width, batch_cfg=not sequential_cfg, decode_tile=vae_tile,
-                                   progress=lambda i: bar.update(), out=out)  # fmt: skip
+                                   progress=lambda i: bars[0].update(), on_phase=on_phase, out=out)  # fmt: skip
+        finally:
+            for bar in bars:
+                bar.close()
     except (ConfigError, CheckpointError, InputError, EngineError, FileNotFoundError) as e:
         _fail(e)
     if save_latents:

@@ -412,8 +412,12 @@ class Pipeline:
                  seed: int = 0, teacache: float = 0.0, teacache_signal: str = "e", guide_scale: float | None = None,
                  shift: float | None = None, frames: int | None = None, height: int | None = None,
                  width: int | None = None, batch_cfg: bool = True, decode_chunk: int | None = None,
-                 decode_tile: int | None = None, progress=None, skip_plan=None, out: str | Path | None = None) -> Result:  # fmt: skip
-        """skip_plan: an explicit TeaCachePlan (e.g. a published schedule) instead of computing one.
+                 decode_tile: int | None = None, progress=None, skip_plan=None, out: str | Path | None = None,
+                 on_phase=None) -> Result:  # fmt: skip
+        """progress(i): called after denoising step i (skipped steps too). on_phase(name): called as each phase
+        starts, "encode", "denoise", "decode", after the request is checked (a service can report where a request
+        is; the CLI opens its step bar at "denoise").
+        skip_plan: an explicit TeaCachePlan (e.g. a published schedule) instead of computing one.
         decode_tile: decode the video in spatial tiles of this many latents (overlapping by tile_overlap).
         out: also write the MP4 there, encoding each decoded chunk while the next one decodes (whole frames;
         tiled: the chunks the last tile completes; an engine VAE hands over the video at the end); complete when
@@ -446,7 +450,9 @@ class Pipeline:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             timings = {"load_s": self.load_s}
+            phase = on_phase or (lambda name: None)
 
+            phase("encode")
             t0 = time.perf_counter()
             cond, uncond, shape = self.encode(
                 image, prompt, negative_prompt or WAN_NEGATIVE_PROMPT, frames, height, width, laps=timings
@@ -476,6 +482,7 @@ class Pipeline:
             gen = torch.Generator(device=self.device).manual_seed(seed)
             noise = torch.randn(shape, generator=gen, device=self.device, dtype=torch.float32)
 
+            phase("denoise")
             t0 = time.perf_counter()
             latents = denoise(self.dit, noise, schedule, make_sampler(s.solver, schedule), cond,
                               uncond if guide_scale != 1.0 else None, guide_scale, plan, batch_cfg, progress)  # fmt: skip
@@ -484,6 +491,7 @@ class Pipeline:
 
             from x2v.runtime.video import to_uint8
 
+            phase("decode")
             t0 = time.perf_counter()
             parts = []
 

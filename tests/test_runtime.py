@@ -166,6 +166,13 @@ def test_generate_is_deterministic_and_writes_a_real_mp4(pipe, tmp_path):
     assert frames.shape == a.frames.shape
 
 
+def test_generate_reports_its_phases_and_steps_in_order(pipe):
+    events = []
+    pipe.generate(image=EXAMPLE, prompt="a cat walks on the beach", seed=7, steps=3, progress=events.append,
+                  on_phase=events.append)  # fmt: skip
+    assert events == ["encode", "denoise", 0, 1, 2, "decode"]
+
+
 def test_requests_from_several_threads_queue_on_one_pipeline(pipe, monkeypatch):
     """A service's threads share one Pipeline: their requests run one at a time, each as it would alone."""
     import threading
@@ -336,6 +343,8 @@ def test_cli_generate_end_to_end(tiny_ckpt, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "steps computed" in out.stdout and "peak" in out.stdout and (tmp_path / "z.safetensors").exists()
     assert read_mp4(tmp_path / "o.mp4").shape[0] == 9
+    err = out.stderr  # the step bar opens after encoding and is complete before decoding
+    assert err.index("encode ...") < err.index("denoise:") < err.index("4/4") < err.index("decode ...")
 
 
 @pytest.mark.parametrize("args, message", [
