@@ -22,6 +22,7 @@ import torch
 from x2v.runtime.config import (
     WAN_NEGATIVE_PROMPT,
     ModelConfig,
+    gpu_config_of,
     load_gpu_config,
     load_model_config,
     load_teacache_coefficients,
@@ -163,6 +164,18 @@ def output_size(cfg: ModelConfig, image: torch.Tensor | None, height: int, width
     return i2v_size(image.shape[1:], height * width) if cfg.dit.i2v else (height, width)
 
 
+def card_fp8_options(device) -> dict:
+    """The FP8 GEMM settings of the GPU config that matches `device` (what an engine build takes from --gpu), as
+    load_dit's keyword arguments; none on the CPU or a card no config describes."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {}
+    gpu = gpu_config_of(torch.cuda.get_device_name(device), tuple(torch.cuda.get_device_capability(device)))
+    if gpu is None:
+        return {}
+    return {"fp8_fast_accum": gpu.fp8_fast_accum, "fp8_gelu_epilogue": gpu.fp8_gelu_epilogue}
+
+
 def _one_request_at_a_time(method):
     """Serialize the calls that run models on one Pipeline. A service's threads may share it: their requests
     queue instead of interleaving on the GPU, where two would hold two requests' activations at once (past a 24
@@ -211,7 +224,9 @@ class Pipeline:
         dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
         parts = {
             "tokenizer": Tokenizer(Path(ckpt) / cfg.files.tokenizer, cfg.dit.text_len),
-            "dit": load_dit(ckpt, cfg, dtype, sensitive_fp32, device, attn, dit_file),
+            "dit": load_dit(
+                ckpt, cfg, dtype, sensitive_fp32, device, attn, dit_file, **card_fp8_options(device)
+            ),
             "vae": load_part("vae", ckpt, cfg, dtype=dtype, device=device),
             "t5": load_part("t5", ckpt, cfg, dtype=dtype, device=device),
         }

@@ -319,6 +319,19 @@ def test_a_distilled_model_refuses_another_step_count():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_the_torch_backend_takes_the_cards_fp8_settings(monkeypatch):
+    """Pipeline.load runs FP8 DiTs with the GEMM settings an engine build for the same card would take."""
+    from x2v.runtime.pipeline import card_fp8_options
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    h200 = {"fp8_fast_accum": True, "fp8_gelu_epilogue": False}  # configs/gpus/h200.yaml
+    assert card_fp8_options("cuda") == h200
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA B200")
+    assert card_fp8_options("cuda:0") == {}  # no config: exact accumulation, unfused FFN
+    assert card_fp8_options("cpu") == {}
+
+
 def test_asking_for_cuda_without_it_is_an_input_error(tiny_ckpt, tiny_cfg):
     with pytest.raises(InputError, match="device cuda: this machine has no CUDA device"):
         Pipeline.load(tiny_ckpt, tiny_cfg, device="cuda")
