@@ -13,6 +13,9 @@ bench/table.py does (a synchronize after each step):
   published   the published row's schedule (computed and skipped steps alternate).
 The allocator's counters around each request (device allocations and frees, expandable-segment growth, retries)
 say whether the alternation makes it map or unmap memory.
+
+Measured (H200, bf16 + Sage engines, 76ef200: teacache_step-h200.json): the three within 0.05 %, and the same
+allocator traffic in each; so the sitting's 22 ms lies between the rows' processes, not in the TeaCache path.
 """
 
 from __future__ import annotations
