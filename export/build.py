@@ -162,8 +162,7 @@ def build(model: str, ckpt: Path, gpu: str, out: Path, precision: str | None = N
         if g.sage_prep == "fused" and backend != "aoti":
             log(f"{gpu}: sage_prep fused applies to AOTInductor engines; {backend} engines take the "
                 f"x2v::SageAttention node with Q and K prepared by the graph")  # fmt: skip
-    dit = load_dit(ckpt, cfg, dtype=compute, device=g.device, attn=impl, dit_file=dit_file,
-                   fp8_fast_accum=g.fp8_fast_accum, fp8_gelu_epilogue=g.fp8_gelu_epilogue)  # fmt: skip
+    dit = load_dit(ckpt, cfg, dtype=compute, device=g.device, attn=impl, dit_file=dit_file, **g.fp8_options())
     state_is_fp8 = any(b.dtype == torch.float8_e4m3fn for b in dit.buffers())
     if (precision == "fp8") != state_is_fp8:
         raise BuildError(

@@ -279,6 +279,10 @@ class GPUConfig:
     def device(self) -> str:
         return "cpu" if self.capability is None else "cuda"
 
+    def fp8_options(self) -> dict:
+        """The FP8 GEMM settings as export.load.load_dit's keyword arguments (engine builds and the torch backend)."""
+        return {"fp8_fast_accum": self.fp8_fast_accum, "fp8_gelu_epilogue": self.fp8_gelu_epilogue}
+
     def matches(self, device_name: str, capability: tuple[int, int] | None) -> bool:
         if self.capability is None:
             return capability is None

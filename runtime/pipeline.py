@@ -171,9 +171,7 @@ def card_fp8_options(device) -> dict:
     if device.type != "cuda":
         return {}
     gpu = gpu_config_of(torch.cuda.get_device_name(device), tuple(torch.cuda.get_device_capability(device)))
-    if gpu is None:
-        return {}
-    return {"fp8_fast_accum": gpu.fp8_fast_accum, "fp8_gelu_epilogue": gpu.fp8_gelu_epilogue}
+    return {} if gpu is None else gpu.fp8_options()
 
 
 def _one_request_at_a_time(method):
