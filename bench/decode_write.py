@@ -10,8 +10,10 @@ The full-size Wan2.1 VAE (random weights, bf16, channels-last as loaded on GPUs)
     decodes; streamed_chunk3: 3 latent frames a decoder pass (the distill row);
   - tiled32_after_chunk3: 32-latent tiles (3 x 4 at this size), each through all frames, then the write (what the
     fp8 rows did up to commit 772f488);
-  - tiled32_chunk3, tiled64_chunk3: 32- and 64-latent tiles (2 x 2) overlapping by 8 latents, the MP4 fed chunk
-    by chunk while the last tile completes the frames.
+  - tiled32_chunk3, tiled64_chunk3: tiles of at most 32 x 32 and 64 x 64 latents in area (`tile_grid`: 3 x 3 and
+    1 x 2 at this size) overlapping by 8 latents, the MP4 fed chunk by chunk while the last tile completes the frames;
+  - square32_chunk3, square64_chunk3: the same with square tiles of at most 32 and 64 latents a side (3 x 4 and
+    2 x 2), how tiles were chosen before `tile_grid`.
 Each records decode and write seconds and the peak GPU memory allocated during the call above what was
 allocated before it, and the largest difference of its frames from the reference frames of its kind (whole
 frames: chunk 1; tiles: the same tile size written after). Random weights decode to noise, x264's worst case.
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import x2v.export.vae as vae_module
 from bench.common import random_part, write_result
 from x2v.runtime.config import load_model_config
 from x2v.runtime.video import Mp4Writer, to_uint8, write_mp4
@@ -61,11 +64,22 @@ def run(decode, path: Path, stream: bool) -> tuple[np.ndarray, dict]:
     return frames, {"decode_s": t1 - t0, "write_s": t2 - t1, "total_s": t2 - t0, "peak_gb": peak}
 
 
+def square_grid(h: int, w: int, tile: int, overlap: int):
+    """Tiles of at most tile x tile latents a side, as decode_tiled chose them up to tile_grid."""
+
+    def spans(n):
+        count = 1 if n <= tile else -(-(n - overlap) // (tile - overlap))
+        return vae_module._spread(n, count, overlap)
+
+    return spans(h), spans(w)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--name", default="decode_write", help="result file: NAME-<card>.json")
+    ap.add_argument("--settings", default=None, help="comma-separated subset of the settings (default: all)")
     args = ap.parse_args()
     cfg = load_model_config("i2v-14b-480p")
     vae = random_part("vae", cfg).to_channels_last()  # as load_part leaves it on GPUs
@@ -74,13 +88,26 @@ def main():
     def whole(chunk):
         return lambda on_frames: vae.decode(z, chunk=chunk, on_frames=on_frames)
 
-    def tiled(size, chunk):
-        return lambda on_frames: vae.decode_tiled(z, size, 8, chunk, on_frames=on_frames)
+    def tiled(size, chunk, grid=vae_module.tile_grid):
+        def decode(on_frames):
+            vae_module.tile_grid = grid  # what decode_tiled looks up
+            try:
+                return vae.decode_tiled(z, size, 8, chunk, on_frames=on_frames)
+            finally:
+                vae_module.tile_grid = area_grid
+
+        return decode
+
+    area_grid = vae_module.tile_grid
 
     settings = {"after": (whole(1), False), "streamed": (whole(1), True), "streamed_chunk3": (whole(3), True),
                 "tiled32_after_chunk3": (tiled(32, 3), False), "tiled32_chunk3": (tiled(32, 3), True),
-                "tiled64_after_chunk3": (tiled(64, 3), False), "tiled64_chunk3": (tiled(64, 3), True)}  # fmt: skip
-    kind = lambda name: name.split("_")[0] if name.startswith("tiled") else "whole"
+                "tiled64_after_chunk3": (tiled(64, 3), False), "tiled64_chunk3": (tiled(64, 3), True),
+                "square32_chunk3": (tiled(32, 3, square_grid), True),
+                "square64_chunk3": (tiled(64, 3, square_grid), True)}  # fmt: skip
+    if args.settings:
+        settings = {k: settings[k] for k in ["streamed", *args.settings.split(",")] if k in settings}
+    kind = lambda name: name.split("_")[0] if name.startswith(("tiled", "square")) else "whole"
     runs = {name: [] for name in settings}
     ref = {}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():

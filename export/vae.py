@@ -354,16 +354,43 @@ class Decoder3d(nn.Module):
         return conv(_run([self.conv1, *self.middle, *self.upsamples], x, cache), cache, norm)
 
 
-def _tiles(n: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """(start, end) of as few tiles of at most `tile` as cover `n` with neighbours overlapping by at least
-    `overlap`, all the same size and evenly spread: less area than fixed-stride tiles with a shifted last one
-    (544 x 720 px, tile 32: 1.6x the frame's area instead of 2.0x)."""
-    if n <= tile:
+def _spread(n: int, count: int, overlap: int) -> list[tuple[int, int]]:
+    """(start, end) of `count` tiles of one size, evenly spread over `n`, neighbours overlapping by at least
+    `overlap`: less area than fixed-stride tiles with a shifted last one."""
+    if count == 1:
         return [(0, n)]
-    count = -(-(n - overlap) // (tile - overlap))
     size = -(-(n + (count - 1) * overlap) // count)
-    starts = [(n - size) * i // (count - 1) for i in range(count)]
-    return [(a, a + size) for a in starts]
+    return [((n - size) * i // (count - 1), (n - size) * i // (count - 1) + size) for i in range(count)]
+
+
+def tile_grid(h: int, w: int, tile: int, overlap: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Row and column spans of as few tiles as cover h x w latents, each at most tile * tile latents in area
+    (a tile's activation memory is its area's) and overlapping its neighbours by at least `overlap`; of grids
+    with as few tiles, the one with the least area. Square tiles of at most tile x tile would be the same
+    memory in more tiles: 544 x 720 px (68 x 90 latents) at tile 64 is 1 x 2 tiles of 68 x 49, 1.09x the
+    frame's area, against 2 x 2 of 38 x 49 and 1.22x. No side is shorter than tile / 2 where the frame's is
+    not: the decoder's border effects reach into a tile from every side, and a sliver would be all border."""
+    budget, least, best = tile * tile, tile // 2, None
+    for ny in range(1, h + 1):
+        rows = _spread(h, ny, overlap)
+        th = rows[0][1] - rows[0][0]
+        if ny > 1 and (th <= overlap or th < least):
+            break
+        for nx in range(1, w + 1):
+            cols = _spread(w, nx, overlap)
+            tw = cols[0][1] - cols[0][0]
+            if nx > 1 and (tw <= overlap or tw < least):
+                break
+            if th * tw <= budget:
+                key = (ny * nx, ny * nx * th * tw)
+                if best is None or key < best[0]:
+                    best = (key, rows, cols)
+                break
+    if best is None:
+        raise ValueError(
+            f"no tiling of {h} x {w} latents in tiles of at most {tile} x {tile} overlapping by {overlap}"
+        )
+    return best[1], best[2]
 
 
 def _ramp(n: int, head: int, tail: int, device) -> torch.Tensor:
@@ -438,18 +465,20 @@ class WanVAE(nn.Module):
     def decode_tiled(
         self, z: torch.Tensor, tile: int = 32, overlap: int = 8, chunk: int | None = 1, on_frames=None
     ) -> torch.Tensor:
-        """decode() in spatial tiles of `tile` x `tile` latents overlapping by `overlap`, blended linearly:
-        activation memory of one tile instead of the whole frame. Equal to decode() when one tile covers it.
+        """decode() in spatial tiles of at most `tile` x `tile` latents in area (tile_grid) overlapping by
+        `overlap`, blended linearly: activation memory of one tile instead of the whole frame. Equal to decode()
+        when the frame is no larger than one tile.
         Tiles are decoded one after the other through all frames, so that one tile's causal cache is alive at
         a time; the last tile completes the frames chunk by chunk, and on_frames gets each chunk's frames as
         they complete (the MP4 encodes them while the rest of that tile decodes). With on_frames, returns
         None, as decode()."""
         _, _, t, h, w = z.shape
-        if h <= tile and w <= tile:
+        if h * w <= tile * tile:
             return self.decode(z, chunk, on_frames)
         if not 0 < overlap < tile:
             raise ValueError(f"tile overlap must be in (0, {tile}), got {overlap}")
-        tiles = [(ys, xs) for ys in _tiles(h, tile, overlap) for xs in _tiles(w, tile, overlap)]
+        rows, cols = tile_grid(h, w, tile, overlap)
+        tiles = [(ys, xs) for ys in rows for xs in cols]
         weight = torch.zeros(8 * h, 8 * w, device=z.device)
         blend, ramp = [], 8 * overlap
         for (y0, y1), (x0, x1) in tiles:

@@ -41,7 +41,12 @@ def main():
 )
 @click.option("--dit", "dit_file", default=None,
               help="DiT file in --ckpt or a path (e.g. dit-fp8 from `x2v-export quantize`, or a LightX2V FP8 file)")  # fmt: skip
-@click.option("--vae-tile", type=int, default=None, help="decode in spatial tiles of N latents (less memory)")
+@click.option(
+    "--vae-tile",
+    type=int,
+    default=None,
+    help="decode in spatial tiles of at most N x N latents in area (less memory)",
+)
 @click.option("--device", default=None, help="torch backend: cpu or cuda (default cpu); engines: their GPU")
 @click.option("--attn", type=click.Choice(["sdpa", "sage"]), default="sdpa", show_default=True)
 @click.option(

@@ -410,24 +410,31 @@ def test_tiled_decode_blends_tiles_exactly_for_a_local_decoder(tiny_ckpt, tiny_c
     torch.testing.assert_close(vae.decode_tiled(z, 32, 8), vae.decode(z))  # one tile covers it all
 
 
-def test_decode_tiles_cover_the_frame_with_the_overlap_asked_and_little_extra_area():
-    from x2v.export.vae import _tiles
+def test_decode_tiles_cover_the_frame_within_the_area_of_a_tile_and_little_extra():
+    from x2v.export.vae import tile_grid
 
-    # 544 x 720 px (68 x 90 latents) at tile 32, overlap 8: 3 x 4 tiles of 28 x 29
-    assert _tiles(68, 32, 8) == [(0, 28), (20, 48), (40, 68)]
-    for n in (33, 60, 68, 90, 104, 129):
-        tiles = _tiles(n, 32, 8)
-        assert tiles[0][0] == 0 and tiles[-1][1] == n and all(b - a <= 32 for a, b in tiles)
-        assert all(prev[1] - nxt[0] >= 8 for prev, nxt in zip(tiles, tiles[1:]))
-        # what fixed 24-latent strides with a shifted last tile cost: ceil((n - 8) / 24) tiles of 32
-        assert sum(b - a for a, b in tiles) <= 32 * -(-(n - 8) // 24)
-    assert _tiles(20, 32, 8) == [(0, 20)]
+    for h, w in ((68, 90), (60, 104), (102, 138), (33, 129), (200, 10)):
+        for tile, overlap in ((16, 4), (32, 8), (64, 8)):
+            rows, cols = tile_grid(h, w, tile, overlap)
+            for spans, n in ((rows, h), (cols, w)):
+                assert spans[0][0] == 0 and spans[-1][1] == n
+                assert all(prev[1] - nxt[0] >= overlap for prev, nxt in zip(spans, spans[1:]))
+                assert all(b - a >= min(n, tile // 2) for a, b in spans)  # no slivers
+            th, tw = rows[0][1] - rows[0][0], cols[0][1] - cols[0][0]
+            assert th * tw <= tile * tile  # a tile's activation memory is bounded by its area
+            # never more tiles than square tiles of at most tile x tile would take
+            square = (-(-(h - overlap) // (tile - overlap)) if h > tile else 1) * (
+                -(-(w - overlap) // (tile - overlap)) if w > tile else 1
+            )
+            assert len(rows) * len(cols) <= square
 
 
-def test_larger_decode_tiles_keep_a_64_px_overlap():
-    from x2v.export.vae import _tiles
+def test_decode_tiles_at_544_x_720_px():
+    from x2v.export.vae import tile_grid
     from x2v.runtime.pipeline import tile_overlap
 
     assert [tile_overlap(t) for t in (2, 16, 32, 64, 128)] == [1, 4, 8, 8, 8]
-    # 544 x 720 px at tile 64: 2 x 2 tiles of 38 x 49 latents, 1.22x the frame's area (tile 32: 1.59x)
-    assert _tiles(68, 64, 8) == [(0, 38), (30, 68)] and _tiles(90, 64, 8) == [(0, 49), (41, 90)]
+    # 68 x 90 latents at tile 64: 1 x 2 tiles of 68 x 49, 1.09x the frame's area (2 x 2 square tiles: 1.22x)
+    assert tile_grid(68, 90, 64, 8) == ([(0, 68)], [(0, 49), (41, 90)])
+    # tile 32: 3 x 3 tiles of 28 x 36, 1.48x (3 x 4 square tiles of 28 x 29: 1.59x)
+    assert tile_grid(68, 90, 32, 8) == ([(0, 28), (20, 48), (40, 68)], [(0, 36), (27, 63), (54, 90)])

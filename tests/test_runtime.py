@@ -221,7 +221,7 @@ def test_warm_up_takes_the_decode_path_of_requests_and_changes_no_result(tiny_ck
     """Pipeline.warm_up (at load on GPUs) runs each model at a request's shapes, here through the tiled
     decode a request takes; nothing it runs is kept, so requests give the same video after it."""
     pipe = Pipeline.load(tiny_ckpt, "tiny")
-    pipe.decode_tile = 4  # 48 x 64 px is 6 x 8 latents: 2 x 3 tiles
+    pipe.decode_tile = 4  # 48 x 64 px is 6 x 8 latents: 5 x 1 tiles of 2 x 8
     ref = pipe.generate(image=EXAMPLE, prompt="a cat walks on the beach", seed=7, steps=3)
     tiled = []
     decode_tiled = pipe.vae.decode_tiled
