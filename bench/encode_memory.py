@@ -11,7 +11,9 @@ setting, each in a process of its own (the allocator's settings and cache are pe
     (the code before commit 746094a: `stream(bounded=False)`, `torch.cuda.empty_cache` patched out of encode);
   - bounded: the host waits for unit i-1 once unit i is queued, encode still keeps the cache;
   - current: bounded, and encode hands the encoders' cache back before the VAE encode;
-  - no_reuse: current without the VAE encode's reuse of repeated frames (CausalConv3d._steady; before 640658b).
+  - no_reuse: current without the VAE encode's reuse of repeated frames (CausalConv3d._steady; before 640658b);
+  - overlap: current (umT5 on a stream and thread of its own beside CLIP and the VAE encode) against serial (the
+    three one after the other, as before this setting was added), alternated in one process for `--rounds`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import json
 import subprocess
 import sys
 
-SETTINGS = ("unbounded", "bounded", "current", "no_reuse")
+SETTINGS = ("unbounded", "bounded", "current", "no_reuse", "overlap")
 DIT_GB = 16.6  # the FP8 DiT's weights on the GPU in the fp8 rows (table/h200/fp8.json load profile)
 
 
@@ -57,6 +59,8 @@ def child(model: str, gpu_name: str, setting: str, device: str) -> dict:
     f, h, w = cfg.sample.frames, cfg.sample.height, cfg.sample.width
     image = torch.rand(3, h, w, generator=gen) * 2 - 1
     res = {"setting": setting, "video": [f, h, w], "dit_stand_in_gb": DIT_GB if cuda else 0.0}
+    if setting == "overlap":
+        return res | alternate(pipe, (image, "a prompt", "a negative prompt", f, h, w), cuda)
     for run in ("warmup", "encode"):
         if cuda:
             torch.cuda.synchronize()
@@ -67,6 +71,47 @@ def child(model: str, gpu_name: str, setting: str, device: str) -> dict:
     if cuda:
         del dit
     return res
+
+
+def serial(fn, laps, lap):
+    """Pipeline._beside as it was: fn runs now, on the current stream."""
+    import time
+
+    t0 = time.perf_counter()
+    out = fn()
+    laps[lap] = time.perf_counter() - t0
+    return lambda: out
+
+
+def alternate(pipe, request: tuple, cuda: bool, rounds: int = 3) -> dict:
+    """serial and overlapped encodes in turn (a warm-up of each first): seconds, peaks, parts, equal results."""
+    import statistics
+
+    import torch
+
+    from bench.common import timed_peaks
+
+    overlapped = pipe._beside
+    runs, ref = {"serial": [], "overlap": []}, None
+    for i in range(rounds + 1):
+        for name in ("serial", "overlap"):
+            pipe._beside = overlapped if name == "overlap" else serial
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            laps = {}
+            out, r = timed_peaks(lambda laps=laps: pipe.encode(*request, laps=laps), cuda)
+            r |= laps
+            cond = out[0]
+            ref = ref or (cond.context, cond.y)
+            r["same_as_first"] = bool(torch.equal(cond.context, ref[0]) and torch.equal(cond.y, ref[1]))
+            print(name, i, r, file=sys.stderr, flush=True)
+            if i:
+                runs[name].append(r)
+    pipe._beside = overlapped
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], float)}
+           for n, rs in runs.items()}  # fmt: skip
+    return {"runs": runs, "median": med}
 
 
 def main():
