@@ -407,17 +407,19 @@ class Pipeline:
             cond, uncond = Conditioning(context[:1]), Conditioning(context[1:])
             return cond, uncond, (1, self.cfg.vae.z_dim, lat_t, height // 8, width // 8)
         text = self._beside(lambda: self.t5(ids, mask), laps, "text_s")
+        # The VAE encode before CLIP: streamed CLIP would wait for PCIe behind umT5's copies, and the VAE encode
+        # behind it (bench/results/encode_memory-h200.json: 0.80 s either way in that order).
         t0, img = time.perf_counter(), image.to(self.device)
         h, w = i2v_size(img.shape[1:], height * width)
-        clip_fea = self.clip(img[None].to(self.dtype))
-        laps["image_s"], t1 = self._lap(t0, main=True), time.perf_counter()
         first = torch.nn.functional.interpolate(img[None].float(), size=(h, w), mode="bicubic")[:, :, None]
         video = torch.cat([first, first.new_zeros(1, 3, frames - 1, h, w)], dim=2)
         y = torch.cat(
             [i2v_mask(frames, h // 8, w // 8).to(self.device)[None], self.vae.encode(video.to(self.dtype))],
             dim=1,
         )
-        laps["vae_encode_s"] = self._lap(t1, main=True)
+        laps["vae_encode_s"], t0 = self._lap(t0, main=True), time.perf_counter()
+        clip_fea = self.clip(img[None].to(self.dtype))
+        laps["image_s"] = self._lap(t0, main=True)
         context = text()
         self._release_cache()
         cond = Conditioning(context[:1], clip_fea=clip_fea, y=y)
