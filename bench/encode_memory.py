@@ -83,24 +83,72 @@ def serial(fn, laps, lap):
     return lambda: out
 
 
+def pinned_flag_reads():
+    """frames_differ_cuda with its flag read through pinned host memory (an async copy and a stream sync) instead
+    of .item()'s pageable copy."""
+    import torch
+
+    import x2v.export.vae_kernels as vk
+
+    plain = vk.frames_differ_cuda
+    host = torch.empty(1, dtype=torch.int32, pin_memory=torch.cuda.is_available())
+
+    def differ(x, ref):
+        b, c, t, h, w = x.shape
+        flag = torch.zeros(1, dtype=torch.int32, device=x.device)
+        n = c * h * w
+        vk.frames_differ_kernel[(vk.triton.cdiv(n, 4096), b)](
+            x, ref, flag, n, t, x.stride(0), x.stride(2), ref.stride(0), BLOCK=4096, num_warps=8
+        )
+        host.copy_(flag, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        return bool(host.item())
+
+    return plain, differ
+
+
 def alternate(pipe, request: tuple, cuda: bool, rounds: int = 3) -> dict:
-    """serial and overlapped encodes in turn (a warm-up of each first): seconds, peaks, parts, equal results."""
+    """Encodes in turn (a warm-up of each first): seconds, peaks, parts, equal results. serial: umT5 first, as
+    before the overlap; overlap: the pipeline's; _switch: with Python's thread switch interval at 0.1 ms instead of
+    5 ms (the VAE encode's host hands its flags over 263 times, each time taking the GIL back from umT5's thread);
+    _pinned: the VAE's flags read through pinned memory (.item() copies to pageable memory); _no_reuse: without
+    the VAE encode's repeated-frame reuse (no flags at all)."""
+    import contextlib
     import statistics
 
     import torch
 
+    import x2v.export.vae_kernels as vk
     from bench.common import timed_peaks
 
     overlapped = pipe._beside
-    runs, ref = {"serial": [], "overlap": []}, None
+    plain, pinned = pinned_flag_reads()
+
+    @contextlib.contextmanager
+    def setting(name):
+        pipe._beside = serial if name.startswith("serial") else overlapped
+        interval = sys.getswitchinterval()
+        if name.endswith("_switch"):
+            sys.setswitchinterval(1e-4)
+        if name.endswith("_pinned"):
+            vk.frames_differ_cuda = pinned
+        pipe.vae.reuse_steady = not name.endswith("_no_reuse")
+        try:
+            yield
+        finally:
+            pipe._beside, vk.frames_differ_cuda, pipe.vae.reuse_steady = overlapped, plain, True
+            sys.setswitchinterval(interval)
+
+    names = ("serial", "overlap", "overlap_switch", "overlap_pinned", "serial_no_reuse", "overlap_no_reuse")
+    runs, ref = {n: [] for n in names}, None
     for i in range(rounds + 1):
-        for name in ("serial", "overlap"):
-            pipe._beside = overlapped if name == "overlap" else serial
+        for name in names:
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
             laps = {}
-            out, r = timed_peaks(lambda laps=laps: pipe.encode(*request, laps=laps), cuda)
+            with setting(name):
+                out, r = timed_peaks(lambda laps=laps: pipe.encode(*request, laps=laps), cuda)
             r |= laps
             cond = out[0]
             ref = ref or (cond.context, cond.y)
@@ -108,7 +156,6 @@ def alternate(pipe, request: tuple, cuda: bool, rounds: int = 3) -> dict:
             print(name, i, r, file=sys.stderr, flush=True)
             if i:
                 runs[name].append(r)
-    pipe._beside = overlapped
     med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], float)}
            for n, rs in runs.items()}  # fmt: skip
     return {"runs": runs, "median": med}
