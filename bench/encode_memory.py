@@ -158,7 +158,43 @@ def alternate(pipe, request: tuple, cuda: bool, rounds: int = 3) -> dict:
                 runs[name].append(r)
     med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], float)}
            for n, rs in runs.items()}  # fmt: skip
-    return {"runs": runs, "median": med}
+    return {"runs": runs, "median": med, "profile": profile(pipe, request) if cuda else None}
+
+
+def profile(pipe, request) -> dict:
+    """One overlapped encode under torch.profiler: per thread, the CUDA runtime/driver calls that took longest
+    in all; per stream, kernel time and the span from first to last kernel."""
+    import collections
+
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        pipe.encode(*request)
+        torch.cuda.synchronize()
+    calls, streams = collections.defaultdict(float), collections.defaultdict(lambda: [0.0, None, None, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            st = streams[f"stream {getattr(e, 'device_resource_id', '?')}"]
+            st[0] += e.time_range.elapsed_us() / 1e3
+            st[1] = e.time_range.start if st[1] is None else min(st[1], e.time_range.start)
+            st[2] = e.time_range.end if st[2] is None else max(st[2], e.time_range.end)
+            st[3] += 1
+        elif e.name.startswith(("cuda", "cu")) and not e.name.startswith("cudnn"):
+            calls[(e.thread, e.name)] += e.time_range.elapsed_us() / 1e3
+    top = sorted(calls.items(), key=lambda kv: -kv[1])[:20]
+    out = {
+        "runtime_calls_ms": [{"thread": t, "call": n, "ms": ms} for (t, n), ms in top],
+        "streams": {
+            k: {"kernel_ms": v[0], "span_ms": (v[2] - v[1]) / 1e3, "kernels": v[3]}
+            for k, v in streams.items()
+        },
+    }
+    print(out, file=sys.stderr, flush=True)
+    return out
 
 
 def main():
