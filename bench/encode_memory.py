@@ -11,9 +11,7 @@ setting, each in a process of its own (the allocator's settings and cache are pe
     (the code before commit 746094a: `stream(bounded=False)`, `torch.cuda.empty_cache` patched out of encode);
   - bounded: the host waits for unit i-1 once unit i is queued, encode still keeps the cache;
   - current: bounded, and encode hands the encoders' cache back before the VAE encode;
-  - no_reuse: current without the VAE encode's reuse of repeated frames (CausalConv3d._steady; before 640658b);
-  - overlap: current (umT5 on a stream and thread of its own beside CLIP and the VAE encode) against serial (the
-    three one after the other, as before this setting was added), alternated in one process for `--rounds`.
+  - no_reuse: current without the VAE encode's reuse of repeated frames (CausalConv3d._steady; before 640658b).
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ import json
 import subprocess
 import sys
 
-SETTINGS = ("unbounded", "bounded", "current", "no_reuse", "overlap")
+SETTINGS = ("unbounded", "bounded", "current", "no_reuse")
 DIT_GB = 16.6  # the FP8 DiT's weights on the GPU in the fp8 rows (table/h200/fp8.json load profile)
 
 
@@ -59,8 +57,6 @@ def child(model: str, gpu_name: str, setting: str, device: str) -> dict:
     f, h, w = cfg.sample.frames, cfg.sample.height, cfg.sample.width
     image = torch.rand(3, h, w, generator=gen) * 2 - 1
     res = {"setting": setting, "video": [f, h, w], "dit_stand_in_gb": DIT_GB if cuda else 0.0}
-    if setting == "overlap":
-        return res | alternate(pipe, (image, "a prompt", "a negative prompt", f, h, w), cuda)
     for run in ("warmup", "encode"):
         if cuda:
             torch.cuda.synchronize()
@@ -71,130 +67,6 @@ def child(model: str, gpu_name: str, setting: str, device: str) -> dict:
     if cuda:
         del dit
     return res
-
-
-def serial(fn, laps, lap):
-    """Pipeline._beside as it was: fn runs now, on the current stream."""
-    import time
-
-    t0 = time.perf_counter()
-    out = fn()
-    laps[lap] = time.perf_counter() - t0
-    return lambda: out
-
-
-def pinned_flag_reads():
-    """frames_differ_cuda with its flag read through pinned host memory (an async copy and a stream sync) instead
-    of .item()'s pageable copy."""
-    import torch
-
-    import x2v.export.vae_kernels as vk
-
-    plain = vk.frames_differ_cuda
-    host = torch.empty(1, dtype=torch.int32, pin_memory=torch.cuda.is_available())
-
-    def differ(x, ref):
-        b, c, t, h, w = x.shape
-        flag = torch.zeros(1, dtype=torch.int32, device=x.device)
-        n = c * h * w
-        vk.frames_differ_kernel[(vk.triton.cdiv(n, 4096), b)](
-            x, ref, flag, n, t, x.stride(0), x.stride(2), ref.stride(0), BLOCK=4096, num_warps=8
-        )
-        host.copy_(flag, non_blocking=True)
-        torch.cuda.current_stream().synchronize()
-        return bool(host.item())
-
-    return plain, differ
-
-
-def alternate(pipe, request: tuple, cuda: bool, rounds: int = 3) -> dict:
-    """Encodes in turn (a warm-up of each first): seconds, peaks, parts, equal results. serial: umT5 first, as
-    before the overlap; overlap: the pipeline's; _switch: with Python's thread switch interval at 0.1 ms instead of
-    5 ms (the VAE encode's host hands its flags over 263 times, each time taking the GIL back from umT5's thread);
-    _pinned: the VAE's flags read through pinned memory (.item() copies to pageable memory); _no_reuse: without
-    the VAE encode's repeated-frame reuse (no flags at all)."""
-    import contextlib
-    import statistics
-
-    import torch
-
-    import x2v.export.vae_kernels as vk
-    from bench.common import timed_peaks
-
-    overlapped = pipe._beside
-    plain, pinned = pinned_flag_reads()
-
-    @contextlib.contextmanager
-    def setting(name):
-        pipe._beside = serial if name.startswith("serial") else overlapped
-        interval = sys.getswitchinterval()
-        if name.endswith("_switch"):
-            sys.setswitchinterval(1e-4)
-        if name.endswith("_pinned"):
-            vk.frames_differ_cuda = pinned
-        pipe.vae.reuse_steady = not name.endswith("_no_reuse")
-        try:
-            yield
-        finally:
-            pipe._beside, vk.frames_differ_cuda, pipe.vae.reuse_steady = overlapped, plain, True
-            sys.setswitchinterval(interval)
-
-    names = ("serial", "overlap", "overlap_switch", "overlap_pinned", "serial_no_reuse", "overlap_no_reuse")
-    runs, ref = {n: [] for n in names}, None
-    for i in range(rounds + 1):
-        for name in names:
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
-            laps = {}
-            with setting(name):
-                out, r = timed_peaks(lambda laps=laps: pipe.encode(*request, laps=laps), cuda)
-            r |= laps
-            cond = out[0]
-            ref = ref or (cond.context, cond.y)
-            r["same_as_first"] = bool(torch.equal(cond.context, ref[0]) and torch.equal(cond.y, ref[1]))
-            print(name, i, r, file=sys.stderr, flush=True)
-            if i:
-                runs[name].append(r)
-    med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], float)}
-           for n, rs in runs.items()}  # fmt: skip
-    return {"runs": runs, "median": med, "profile": profile(pipe, request) if cuda else None}
-
-
-def profile(pipe, request) -> dict:
-    """One overlapped encode under torch.profiler: per thread, the CUDA runtime/driver calls that took longest
-    in all; per stream, kernel time and the span from first to last kernel."""
-    import collections
-
-    import torch
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        pipe.encode(*request)
-        torch.cuda.synchronize()
-    calls, streams = collections.defaultdict(float), collections.defaultdict(lambda: [0.0, None, None, 0])
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            st = streams[f"stream {getattr(e, 'device_resource_id', '?')}"]
-            st[0] += e.time_range.elapsed_us() / 1e3
-            st[1] = e.time_range.start if st[1] is None else min(st[1], e.time_range.start)
-            st[2] = e.time_range.end if st[2] is None else max(st[2], e.time_range.end)
-            st[3] += 1
-        elif e.name.startswith(("cuda", "cu")) and not e.name.startswith("cudnn"):
-            calls[(e.thread, e.name)] += e.time_range.elapsed_us() / 1e3
-    top = sorted(calls.items(), key=lambda kv: -kv[1])[:20]
-    out = {
-        "runtime_calls_ms": [{"thread": t, "call": n, "ms": ms} for (t, n), ms in top],
-        "streams": {
-            k: {"kernel_ms": v[0], "span_ms": (v[2] - v[1]) / 1e3, "kernels": v[3]}
-            for k, v in streams.items()
-        },
-    }
-    print(out, file=sys.stderr, flush=True)
-    return out
 
 
 def main():

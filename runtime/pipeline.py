@@ -13,7 +13,7 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,7 @@ def check_output(out) -> None:
 
 
 def tile_overlap(tile: int) -> int:
-    """Latents that neighbouring VAE decode tiles (at most `tile` x `tile` latents) share."""
+    """Latents that neighbouring VAE decode tiles of `tile` latents share."""
     return min(8, max(tile // 4, 1))
 
 
@@ -394,72 +394,30 @@ class Pipeline:
         laps: dict | None = None,
     ):
         """-> (cond, uncond, latent shape) on the device. laps: receives the seconds of each part (text_s,
-        image_s, vae_encode_s). On a GPU an I2V request encodes its text on a second stream beside the image and
-        the VAE encode (text_s then overlaps the other two); elsewhere the parts run one after the other."""
+        image_s, vae_encode_s; the device synchronized at each boundary)."""
         laps, t0 = {} if laps is None else laps, time.perf_counter()
         ids, mask = self.tokenizer([prompt, negative_prompt])
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        context = self.t5(ids.to(self.device), mask.to(self.device))
+        self._release_cache()
+        laps["text_s"], t0 = self._lap(t0), time.perf_counter()
+        cond, uncond = Conditioning(context[:1]), Conditioning(context[1:])
         lat_t = (frames - 1) // 4 + 1
         if not self.cfg.dit.i2v:
-            context = self.t5(ids, mask)
-            self._release_cache()
-            laps["text_s"] = self._lap(t0)
-            cond, uncond = Conditioning(context[:1]), Conditioning(context[1:])
             return cond, uncond, (1, self.cfg.vae.z_dim, lat_t, height // 8, width // 8)
-        text = self._beside(lambda: self.t5(ids, mask), laps, "text_s")
-        # The VAE encode before CLIP: streamed CLIP would wait for PCIe behind umT5's copies, and the VAE encode
-        # behind it (bench/results/encode_memory-h200.json: 0.80 s either way in that order).
-        t0, img = time.perf_counter(), image.to(self.device)
+        img = image.to(self.device)
         h, w = i2v_size(img.shape[1:], height * width)
+        clip_fea = self.clip(img[None].to(self.dtype))
+        self._release_cache()
+        laps["image_s"], t0 = self._lap(t0), time.perf_counter()
         first = torch.nn.functional.interpolate(img[None].float(), size=(h, w), mode="bicubic")[:, :, None]
         video = torch.cat([first, first.new_zeros(1, 3, frames - 1, h, w)], dim=2)
         y = torch.cat(
             [i2v_mask(frames, h // 8, w // 8).to(self.device)[None], self.vae.encode(video.to(self.dtype))],
             dim=1,
         )
-        laps["vae_encode_s"], t0 = self._lap(t0, main=True), time.perf_counter()
-        clip_fea = self.clip(img[None].to(self.dtype))
-        laps["image_s"] = self._lap(t0, main=True)
-        context = text()
-        self._release_cache()
-        cond = Conditioning(context[:1], clip_fea=clip_fea, y=y)
-        uncond = Conditioning(context[1:], clip_fea=clip_fea, y=y)
+        laps["vae_encode_s"] = self._lap(t0)
+        cond, uncond = replace(cond, clip_fea=clip_fea, y=y), replace(uncond, clip_fea=clip_fea, y=y)
         return cond, uncond, (1, self.cfg.vae.z_dim, lat_t, h // 8, w // 8)
-
-    def _beside(self, fn, laps: dict, lap: str):
-        """Start fn() on a thread and CUDA stream of its own; returns a join that gives its result, ordered before
-        whatever the current stream runs next. umT5 streams its 11.4 GB of weights over PCIe (0.22 s an
-        H200 request) while the VAE encode keeps the GPU busy (0.43 s): they overlap. Off the GPU, fn runs now."""
-        t0 = time.perf_counter()
-        if self.device.type != "cuda":
-            out = fn()
-            laps[lap] = time.perf_counter() - t0
-            return lambda: out
-        main, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
-        side.wait_stream(main)  # the inputs were queued on the main stream
-        box = {}
-
-        def run():
-            try:  # grad mode and the current stream are per thread
-                with torch.no_grad(), torch.cuda.device(self.device), torch.cuda.stream(side):
-                    box["out"] = fn()
-                    side.synchronize()
-                laps[lap] = time.perf_counter() - t0
-            except BaseException as e:  # raised again in the caller's thread by join
-                box["error"] = e
-
-        thread = threading.Thread(target=run, name="x2v-text", daemon=True)
-        thread.start()
-
-        def join():
-            thread.join()
-            if "error" in box:
-                raise box["error"]
-            main.wait_stream(side)
-            box["out"].record_stream(main)  # allocated on the side stream, used on the main one
-            return box["out"]
-
-        return join
 
     @_one_request_at_a_time
     @torch.no_grad()
@@ -473,8 +431,7 @@ class Pipeline:
         starts, "encode", "denoise", "decode", after the request is checked (a service can report where a request
         is; the CLI opens its step bar at "denoise").
         skip_plan: an explicit TeaCachePlan (e.g. a published schedule) instead of computing one.
-        decode_tile: decode the video in spatial tiles of at most this x this latents in area (export.vae.tile_grid),
-            overlapping by tile_overlap.
+        decode_tile: decode the video in spatial tiles of this many latents (overlapping by tile_overlap).
         out: also write the MP4 there, encoding each decoded chunk while the next one decodes (whole frames;
         tiled: the chunks the last tile completes; an engine VAE hands over the video at the end); complete when
         generate returns."""
@@ -605,9 +562,7 @@ class Pipeline:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _lap(self, t0: float, main: bool = False) -> float:
-        """Seconds since t0 once the GPU is done: all of it, or (main) the current stream only, which does not
-        wait for work running beside it."""
+    def _lap(self, t0: float) -> float:
         if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize() if main else torch.cuda.synchronize()
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
