@@ -354,12 +354,17 @@ class Decoder3d(nn.Module):
         return conv(_run([self.conv1, *self.middle, *self.upsamples], x, cache), cache, norm)
 
 
+def _size(n: int, count: int, overlap: int) -> int:
+    """The side of `count` equal tiles that cover `n` with neighbours overlapping by at least `overlap`."""
+    return n if count == 1 else -(-(n + (count - 1) * overlap) // count)
+
+
 def _spread(n: int, count: int, overlap: int) -> list[tuple[int, int]]:
     """(start, end) of `count` tiles of one size, evenly spread over `n`, neighbours overlapping by at least
     `overlap`: less area than fixed-stride tiles with a shifted last one."""
     if count == 1:
         return [(0, n)]
-    size = -(-(n + (count - 1) * overlap) // count)
+    size = _size(n, count, overlap)
     return [((n - size) * i // (count - 1), (n - size) * i // (count - 1) + size) for i in range(count)]
 
 
@@ -372,25 +377,23 @@ def tile_grid(h: int, w: int, tile: int, overlap: int) -> tuple[list[tuple[int, 
     not: the decoder's border effects reach into a tile from every side, and a sliver would be all border."""
     budget, least, best = tile * tile, tile // 2, None
     for ny in range(1, h + 1):
-        rows = _spread(h, ny, overlap)
-        th = rows[0][1] - rows[0][0]
+        th = _size(h, ny, overlap)
         if ny > 1 and (th <= overlap or th < least):
             break
         for nx in range(1, w + 1):
-            cols = _spread(w, nx, overlap)
-            tw = cols[0][1] - cols[0][0]
+            tw = _size(w, nx, overlap)
             if nx > 1 and (tw <= overlap or tw < least):
                 break
             if th * tw <= budget:
                 key = (ny * nx, ny * nx * th * tw)
-                if best is None or key < best[0]:
-                    best = (key, rows, cols)
+                if best is None or key < best[:2]:
+                    best = (*key, ny, nx)
                 break
     if best is None:
         raise ValueError(
             f"no tiling of {h} x {w} latents in tiles of at most {tile} x {tile} overlapping by {overlap}"
         )
-    return best[1], best[2]
+    return _spread(h, best[2], overlap), _spread(w, best[3], overlap)
 
 
 def _ramp(n: int, head: int, tail: int, device) -> torch.Tensor:
