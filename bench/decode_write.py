@@ -74,12 +74,37 @@ def square_grid(h: int, w: int, tile: int, overlap: int):
     return spans(h), spans(w)
 
 
+def profile(decode) -> dict:
+    """One decode (frames kept, no MP4) under torch.profiler: its GPU kernel time and count against the profiled
+    call's wall time. Kernel time well under the wall time says the host paces the decode (launches, syncs)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch.no_grad(), torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        decode(None)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    r = {
+        "wall_s": wall,
+        "kernel_s": sum(e.time_range.elapsed_us() for e in kernels) / 1e6,
+        "kernels": len(kernels),
+    }
+    print("profile", r, flush=True)
+    return r
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--name", default="decode_write", help="result file: NAME-<card>.json")
     ap.add_argument("--settings", default=None, help="comma-separated subset of the settings (default: all)")
+    ap.add_argument(
+        "--profile", action="store_true", help="also one decode of each setting under torch.profiler"
+    )
     args = ap.parse_args()
     cfg = load_model_config("i2v-14b-480p")
     vae = random_part("vae", cfg).to_channels_last()  # as load_part leaves it on GPUs
@@ -128,10 +153,12 @@ def main():
         n: {k: statistics.median(r[k] for r in rs) for k in ("decode_s", "write_s", "total_s", "peak_gb")}
         for n, rs in runs.items()
     }
+    profiled = {name: profile(decode) for name, (decode, _) in settings.items()} if args.profile else None
     print("median total: " + ", ".join(f"{n} {m['total_s']:.2f} s" for n, m in med.items()))
     diff = {k: int(np.abs(v.astype(int) - ref["whole"]).max()) for k, v in ref.items() if k != "whole"}
     path = write_result(args.name, {"latents": list(z.shape), "frames": int(ref["whole"].shape[0]), "runs": runs,
-                                         "median": med, "tiled_vs_whole_max_frame_diff": diff}, args.out)  # fmt: skip
+                                         "median": med, "tiled_vs_whole_max_frame_diff": diff,
+                                         "profile": profiled}, args.out)  # fmt: skip
     print(f"wrote {path}")
 
 
