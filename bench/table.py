@@ -75,8 +75,8 @@ def load_row(row: str, cfg, ckpt: Path, engines: Path | None, device: str, vae_t
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(25)
         pipe.load_profile = text.getvalue().splitlines()[-40:]
-        # the published fp8 rows decode in tiles (64 latents: 2 x 2 at 544 x 720, 1.22x the frame's area against
-        # 1.59x for 3 x 4 tiles of 32: results/decode_write-h200.json); distill whole frames
+        # the fp8 rows decode in tiles (at most 64 x 64 latents: 1 x 2 of 68 x 49 at 544 x 720, 1.09x the frame's
+        # area; results/decode_write_tiles-h200.json); distill whole frames
         pipe.decode_tile = vae_tile if row.startswith("fp8") and hasattr(pipe.vae, "decode_tiled") else None
         return warmed(pipe, contextlib.nullcontext())
     cuda = device == "cuda"
