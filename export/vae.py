@@ -365,7 +365,8 @@ def _spread(n: int, count: int, overlap: int) -> list[tuple[int, int]]:
     if count == 1:
         return [(0, n)]
     size = _size(n, count, overlap)
-    return [((n - size) * i // (count - 1), (n - size) * i // (count - 1) + size) for i in range(count)]
+    starts = [(n - size) * i // (count - 1) for i in range(count)]
+    return [(a, a + size) for a in starts]
 
 
 def tile_grid(h: int, w: int, tile: int, overlap: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

@@ -45,7 +45,7 @@ def main():
     "--vae-tile",
     type=int,
     default=None,
-    help="decode in spatial tiles of at most N x N latents in area (less memory)",
+    help="decode in spatial tiles of at most N x N latents (less memory)",
 )
 @click.option("--device", default=None, help="torch backend: cpu or cuda (default cpu); engines: their GPU")
 @click.option("--attn", type=click.Choice(["sdpa", "sage"]), default="sdpa", show_default=True)

@@ -255,9 +255,8 @@ class GPUConfig:
     backend: str = "aoti"  # "aoti", "tensorrt" or "onnx"
     autotune: bool = False
     vae_chunk: int = 1
-    vae_tile: int | None = (
-        None  # spatial VAE decode tiles of at most N x N latents in area (None: whole frames)
-    )
+    # VAE decode in spatial tiles of at most N x N latents in area (None: whole frames)
+    vae_tile: int | None = None
     encoders: str = "resident"  # umT5/CLIP weights: resident on the GPU, stream (host, a block at a time), host (run on CPU)
     # DiT block weights: resident on the GPU, or stream (pinned host memory, two blocks on the GPU at a time)
     dit_weights: str = "resident"
