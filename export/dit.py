@@ -123,12 +123,12 @@ class FeedForward(nn.Sequential):
         if not self.gelu_epilogue:
             return super().forward(x)
         from x2v.export import fp8_kernels  # noqa: F401  (registers the op)
-        from x2v.export.fp8 import quantize
+        from x2v.export.fp8 import quantize_by
 
         up, _, down = self
         x2 = x.reshape(-1, x.shape[-1])
         xs, hs = up.input_scale.float(), down.input_scale.float()
-        h = torch.ops.x2v.fp8_gelu_linear(quantize(x2, xs), up.weight, xs, up.weight_scale, up.bias, hs,
+        h = torch.ops.x2v.fp8_gelu_linear(quantize_by(x2, 1.0 / xs), up.weight, xs, up.weight_scale, up.bias, hs,
                                           up.fast_accum)  # fmt: skip
         return down.product(h, hs, x.dtype).reshape(*x.shape[:-1], down.out_features)
 

@@ -5,8 +5,9 @@ Unfused, the FFN runs cuBLAS FP8 -> bf16 [L, 13824] (906 MB at 480P), then one k
 adds the bias, applies GELU and casts to FP8 with ffn.2's static scale (453 MB): 0.62-0.70 ms a block on
 an H200, where the GEMM itself is 3.0 ms. Here the GEMM's epilogue does that work on the accumulator tile,
 so the bf16 activation is never written. The arithmetic is the unfused graph's, operation for operation
-(`gelu_fp8_reference`): the product scaled and rounded to bf16 (what cuBLAS hands over), the bias added and
-GELU taken in float32, rounded to bf16 (the module's output dtype), divided by the scale, saturated, cast.
+(`gelu_fp8_reference`): the product scaled and the bias added in float32, rounded to bf16 (what cuBLAS's bias
+epilogue hands over), GELU taken in float32, rounded to bf16 (the module's output dtype), divided by the scale,
+saturated, cast.
 Only the GEMM's summation order differs (H200: ffn.2's input at most one FP8 step from the unfused one, on
 1.6 % of its elements).
 
@@ -47,7 +48,7 @@ if triton is not None:
                       CHANNEL: tl.constexpr, FAST_ACCUM: tl.constexpr, NUM_SMS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr):  # fmt: skip
-        """c [M, N] = quantize(gelu(bf16(a [M, K] . w [N, K]^T * x_scale * w_scale) + bias) / out_scale)."""
+        """c [M, N] = quantize(gelu(bf16(a [M, K] . w [N, K]^T * x_scale * w_scale + bias)) / out_scale)."""
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)
@@ -80,8 +81,8 @@ if triton is not None:
                 ws = tl.load(w_scale + cols, mask=cols < N, other=1.0)[None, :]
             else:
                 ws = tl.load(w_scale)
-            y = (acc * (xs * ws)).to(tl.bfloat16).to(tl.float32)
-            y = y + tl.load(bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            y = acc * (xs * ws) + tl.load(bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            y = y.to(tl.bfloat16).to(tl.float32)
             g = (y * tl.sigmoid(_C * (y + 0.044715 * y * y * y))).to(tl.bfloat16).to(tl.float32)
             q = tl.clamp(g * inv_so, -_MAX, _MAX)
             mask = (rows < M)[:, None] & (cols < N)[None, :]
@@ -91,7 +92,7 @@ if triton is not None:
 def gelu_fp8_reference(q, w, x_scale, w_scale, bias, out_scale):
     """The unfused graph's arithmetic in torch (any device): the kernel's specification."""
     ws = w_scale.float()[:, None] if w_scale.numel() > 1 else w_scale.float()
-    y = (q.float() @ (w.float() * ws).t() * x_scale.float()).bfloat16().float() + bias.float()
+    y = (q.float() @ (w.float() * ws).t() * x_scale.float() + bias.float()).bfloat16().float()
     g = (y * torch.sigmoid(GELU_C * (y + 0.044715 * y * y * y))).bfloat16().float()
     return (g / out_scale.float()).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 

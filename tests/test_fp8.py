@@ -306,7 +306,7 @@ for channel in (False, True):
     out = FK.launch(q, wq, xs, ws, bias, so, True, wrap=lambda f: f, num_sms=3,
                     tile=dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=2))
     # the reference with the interpreter's bf16 conversions, before its FP8 cast
-    y = truncated(q.float() @ wq.float().t() * (xs * ws)) + bias.float()
+    y = truncated(q.float() @ wq.float().t() * (xs * ws) + bias.float())
     pre = truncated(y * torch.sigmoid(FK.GELU_C * (y + 0.044715 * y * y * y))) / so
     ref = pre.clamp(-448, 448).to(torch.float8_e4m3fn)
     # The interpreter's FP8 rounding does not carry into the exponent (1.111b rounds up to 1.000b at the
