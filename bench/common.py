@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -185,3 +186,29 @@ def kernel_breakdown(fn, top: int = 12) -> dict:
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
     return {"by_kind_ms": kinds, "total_ms": sum(kinds.values()),
             "top_ms": [{"kernel": k[:160], "kind": kernel_kind(k), "ms": v} for k, v in ranked]}  # fmt: skip
+
+
+@contextlib.contextmanager
+def fp8_linear_before():
+    """FP8Linear's GPU path as it was until 2026-11-29 (static per-tensor scales): `x / scale` an element, and
+    the bias added to the GEMM's rounded output. For benches that measure the change side by side."""
+    from x2v.export.fp8 import FP8Linear, quantize
+
+    saved = FP8Linear.forward, FP8Linear.product
+
+    def forward(self, x):
+        x2 = x.reshape(-1, x.shape[-1])
+        xs = self.input_scale.float()
+        out = self.product(quantize(x2, xs), xs, x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def product(self, q, xs, out_dtype):
+        out = torch._scaled_mm(q, self.weight.t(), scale_a=xs, scale_b=self.weight_scale.float(),
+                               out_dtype=out_dtype, use_fast_accum=self.fast_accum)  # fmt: skip
+        return out if self.bias is None else out + self.bias.to(out_dtype)
+
+    FP8Linear.forward, FP8Linear.product = forward, product
+    try:
+        yield
+    finally:
+        FP8Linear.forward, FP8Linear.product = saved

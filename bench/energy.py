@@ -38,11 +38,12 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.attention import make_inputs
+from bench.common import fp8_linear_before as before
 from bench.common import rel_err, write_result
 from bench.dit_forward import inputs, random_dit
 from bench.engine_forward import ORDER, load_pt2, max_calibrated_fp8
 from x2v.export.dit import GELUTanh
-from x2v.export.fp8 import FP8Linear, configure_fp8, quantize
+from x2v.export.fp8 import FP8Linear, configure_fp8
 from x2v.plugins import sage_attention as sage
 from x2v.runtime.config import load_model_config
 
@@ -51,33 +52,10 @@ BLOCKS = {  # name: (model, attention, FP8 fast accumulation); the first is the 
     "fp8-sage": ("fp8", "sage_op", True),
     "fp8-sdpa": ("fp8", "sdpa", True),
     "bf16-sdpa": ("bf16", "sdpa", False),
-    # FP8Linear as built before 2026-11-29 (see before()): activations divided by their scale, bias added after
+    # FP8Linear as built before 2026-11-29 (bench.common.fp8_linear_before)
     "fp8-sage-before": ("fp8", "sage_op", True),
     "fp8-sdpa-before": ("fp8", "sdpa", True),
 }
-
-
-@contextlib.contextmanager
-def before():
-    """FP8Linear's GPU path as it was: `x / scale` an element, and the bias added to the GEMM's rounded output."""
-    saved = FP8Linear.forward, FP8Linear.product
-
-    def forward(self, x):
-        x2 = x.reshape(-1, x.shape[-1])
-        xs = self.input_scale.float()
-        out = self.product(quantize(x2, xs), xs, x.dtype)
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-    def product(self, q, xs, out_dtype):
-        out = torch._scaled_mm(q, self.weight.t(), scale_a=xs, scale_b=self.weight_scale.float(),
-                               out_dtype=out_dtype, use_fast_accum=self.fast_accum)  # fmt: skip
-        return out if self.bias is None else out + self.bias.to(out_dtype)
-
-    FP8Linear.forward, FP8Linear.product = forward, product
-    try:
-        yield
-    finally:
-        FP8Linear.forward, FP8Linear.product = saved
 
 
 class Board:

@@ -20,6 +20,7 @@ calibrator computes); bench/fp8_forward.py runs the ModelOpt path itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.common import fp8_linear_before as before
 from bench.common import interleaved, kernel_breakdown, rel_err, time_cuda, write_result
 from bench.dit_forward import inputs, random_dit
 from x2v.export.fp8 import configure_fp8
@@ -95,6 +97,9 @@ VARIANTS = {  # name: (FP8, attention, fast accumulation, GELU + FP8 cast in ffn
     "fp8-sage": (True, "sage_op", False, False),
     "fp8-sage-fast": (True, "sage_op", True, False),
     "fp8-sage-fast-gelu": (True, "sage_op", True, True),
+    # *-before: FP8Linear as built before 2026-11-29 (bench.common.fp8_linear_before: x / scale, bias added after the GEMM)
+    "fp8-sdpa-fast-before": (True, "sdpa", True, False),
+    "fp8-sage-fast-before": (True, "sage_op", True, False),
 }
 
 
@@ -174,7 +179,8 @@ def main():
         log("pre_engine_vs_eager", res["pre_engine_vs_eager"])
 
         forwards = {}
-        for name in args.variants.split(","):
+
+        def variant(name):
             quantized, attn, fast, gelu = VARIANTS[name]
             model = (fp8 if quantized else bf16).configure(torch.bfloat16, attn)
             if quantized:
@@ -219,6 +225,10 @@ def main():
             res["variants"][name] = r
             log(name, r)
             write_result(args.name, res, args.out)
+
+        for name in args.variants.split(","):
+            with before() if name.endswith("-before") else contextlib.nullcontext():
+                variant(name)
         res["interleaved_ms"] = interleaved(forwards, args.reps)
         log("interleaved_ms", res["interleaved_ms"])
         # the fixed order every earlier file used (bf16 first), to see what the order itself does
