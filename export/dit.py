@@ -152,6 +152,11 @@ def linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
+    # With SageAttention (the op) and an FP8 o projection, the op writes o's FP8 input itself (its output
+    # rounded to bf16 and quantized as FP8Linear would): the bf16 output is never stored. False: the op's bf16
+    # output goes through o as usual (benches measure the two side by side).
+    fp8_out = True
+
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
         self.num_heads = num_heads
@@ -173,6 +178,12 @@ class SelfAttention(nn.Module):
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (n, -1)), cos, sin)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (n, -1)), cos, sin)
         v = self.v(x).unflatten(-1, (n, -1))
+        fp8_out = self.attn_impl == "sage_op" and self.fp8_out and getattr(self.o, "takes_fp8", False)
+        if fp8_out and x.dtype == torch.bfloat16:
+            import x2v.plugins.sage_attention  # noqa: F401  (registers the op)
+
+            inv = 1.0 / self.o.input_scale.float()
+            return self.o.forward_fp8(torch.ops.x2v.sage_attention_fp8(q, k, v, inv).flatten(2), x.dtype)
         return self.o(attention(q, k, v, self.attn_impl))
 
 

@@ -105,6 +105,18 @@ class FP8Linear(nn.Module):
             out = F.linear(xq, w, None if self.bias is None else self.bias.float())
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    @property
+    def takes_fp8(self) -> bool:
+        """Whether forward_fp8 can run: the GPU product with a static input scale."""
+        return self.impl == "scaled_mm" and self.static
+
+    def forward_fp8(self, q: torch.Tensor, dtype) -> torch.Tensor:
+        """forward() of an input its producer already quantized with 1 / input_scale (see takes_fp8):
+        [..., K] E4M3 -> [..., N] dtype, as forward() of the unquantized input gives."""
+        out_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        out = self.product(q.reshape(-1, q.shape[-1]), self.input_scale.float(), out_dtype)
+        return out.to(dtype).reshape(*q.shape[:-1], self.out_features)
+
     def product(self, q: torch.Tensor, xs: torch.Tensor, out_dtype) -> torch.Tensor:
         """[M, K] E4M3 input quantized with scale xs (one value or [M, 1]) -> [M, N] out_dtype, bias added.
 

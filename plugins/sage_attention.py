@@ -215,29 +215,32 @@ def key_slots(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(*lead, n // 16, 2, 4, 2).transpose(-3, -2).reshape(*lead, n)
 
 
-def attend(q8, qs, k8, ks, v8, v_scale, out, wrap, kernel, **config):
+def attend(q8, qs, k8, ks, v8, v_scale, out, wrap, kernel, out_scale=None, **config):
     """Launch the attention kernel on quantize_pass's tensors, writing `out` [B, Lq, H, D]; returns what the
     launch returns (the compiled kernel, for a plain JIT launch). config: BLOCK_M, num_warps, ... for
-    sage_kernels.attn_body (attn_kernel autotunes them); BLOCK_N defaults to K's scale block."""
+    sage_kernels.attn_body (attn_kernel autotunes them); BLOCK_N defaults to K's scale block. out_scale (one
+    float32, the reciprocal of the next linear's input scale): `out` is float8_e4m3fn and `kernel` one of
+    attn_body_fp8 / attn_kernel_fp8."""
     b, h, lq, d = q8.shape
 
     def grid(meta):
         return (triton_cdiv(lq, meta["BLOCK_M"]), b * h)
 
+    scale = () if out_scale is None else (out_scale,)
     return wrap(kernel)[grid](
-        q8, k8, v8, qs, ks, v_scale, out, lq, k8.shape[2], v8.shape[-1], h, ks.shape[-1],
+        q8, k8, v8, qs, ks, v_scale, out, *scale, lq, k8.shape[2], v8.shape[-1], h, ks.shape[-1],
         q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
         out.stride(0), out.stride(1), out.stride(2), D=d, KS_BLOCK=BLOCK_N, **{"BLOCK_N": BLOCK_N, **config})  # fmt: skip
 
 
 def launch(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wrap, kernel, quant=None, **config
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wrap, kernel, quant=None, out_scale=None, **config
 ) -> torch.Tensor:
     """Quantize (`quant`: quantize_pass by default), then attend with `kernel` (sage_kernels.attn_kernel,
-    autotuned; attn_body with `config`)."""
-    out = torch.empty_like(q)
+    autotuned; attn_body with `config`; the *_fp8 kernels with `out_scale`, see attend)."""
+    out = torch.empty_like(q, dtype=torch.float8_e4m3fn if out_scale is not None else None)
     packed = quant(q, k, v) if quant is not None else quantize_pass(q, k, v, wrap)
-    attend(*packed, out, wrap, kernel, **config)
+    attend(*packed, out, wrap, kernel, out_scale, **config)
     return out
 
 
@@ -306,6 +309,38 @@ def _sage_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return launch(q, k, v, wrap_triton, kernel, quant, **config)
 
 
+# The op that hands an FP8 linear its input (AOTInductor engines of FP8 models, export.dit.SelfAttention): the
+# attention rounded to bf16 and quantized with the o projection's static scale inside the kernel, which is
+# what FP8Linear computes from the bf16 output, without writing and reading that output (0.33 GB a block at
+# 480P). ONNX and TensorRT keep x2v::sage_attention followed by QuantizeLinear.
+@torch.library.triton_op("x2v::sage_attention_fp8", mutates_args={})
+def _sage_attention_fp8_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_scale: torch.Tensor
+) -> torch.Tensor:
+    """q, k, v [B, L, H, D] bf16, inv_scale one float32 (1 / the linear's input scale) -> [B, L, H, D] E4M3."""
+    from torch.library import wrap_triton
+
+    if q.dtype != torch.bfloat16:
+        raise ValueError(
+            f"x2v::sage_attention_fp8 takes bf16 q, k, v (the FP8 engines' dtype), got {q.dtype}"
+        )
+    traced = _traced(q)
+    quant = quantize_fused if TRACED_QUANT == "fused" and traced else None
+    kernel, config = _kernel(q, traced, fp8_out=True)
+    return launch(q, k, v, wrap_triton, kernel, quant, inv_scale.float(), **config)
+
+
+@_sage_attention_fp8_op.register_fake
+def _(q, k, v, inv_scale):
+    return torch.empty_like(q, dtype=torch.float8_e4m3fn)
+
+
+@_sage_attention_fp8_op.register_kernel("cpu")
+def _(q, k, v, inv_scale):  # the reference, then FP8Linear's cast (export.fp8.quantize_by)
+    out = sage_reference(q, k, v).float() * inv_scale.float()
+    return out.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+
+
 def _tile(q: torch.Tensor, traced: bool) -> dict | None:
     """The attention tile for this call (TILE's rules above); None autotunes."""
     if TILE == AUTOTUNE:
@@ -313,11 +348,14 @@ def _tile(q: torch.Tensor, traced: bool) -> dict | None:
     return TILE if TILE is not None or traced else device_tile(q.device)
 
 
-def _kernel(q: torch.Tensor, traced: bool):
-    """(attention kernel, launch config) for this call: attn_body at the tile, or attn_kernel to autotune."""
+def _kernel(q: torch.Tensor, traced: bool, fp8_out: bool = False):
+    """(attention kernel, launch config) for this call: attn_body at the tile, or attn_kernel to autotune
+    (their *_fp8 forms with fp8_out)."""
     from x2v.plugins import sage_kernels as K
 
     tile = _tile(q, traced)
+    if fp8_out:
+        return (K.attn_kernel_fp8, {}) if tile is None else (K.attn_body_fp8, tile)
     return (K.attn_kernel, {}) if tile is None else (K.attn_body, tile)
 
 

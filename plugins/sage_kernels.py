@@ -210,11 +210,13 @@ def _configs():
 
 
 @triton.jit
-def attn_body(Q, K, V, QS, KS, VS, Out, Lq, Lk, L_pad, H, n_kblocks,
-              s_qb, s_qh, s_ql, s_kb, s_kh, s_kn, s_ob, s_ol, s_oh,
-              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KS_BLOCK: tl.constexpr):  # fmt: skip
+def _attend(Q, K, V, QS, KS, VS, Out, OS, Lq, Lk, L_pad, H, n_kblocks,
+            s_qb, s_qh, s_ql, s_kb, s_kh, s_kn, s_ob, s_ol, s_oh,
+            D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KS_BLOCK: tl.constexpr,
+            OUT_FP8: tl.constexpr):  # fmt: skip
     """One BLOCK_M tile of queries of head (b, h) against all keys; K has one scale per KS_BLOCK tokens (a
-    multiple of BLOCK_N)."""
+    multiple of BLOCK_N). OUT_FP8: Out is float8_e4m3fn and gets what an FP8 linear's input cast makes of the
+    bf16 output: rounded to bf16, times the reciprocal scale at OS, saturated at +-448, rounded to E4M3."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -243,7 +245,30 @@ def attn_body(Q, K, V, QS, KS, VS, Out, Lq, Lk, L_pad, H, n_kblocks,
     vs = tl.load(VS + pid_bh * D + offs_d)
     out = acc * vs[None, :] / l_i[:, None]  # l_i carries the same 2^8 as P
     o_ptrs = Out + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < Lq)
+    if OUT_FP8:
+        y = out.to(tl.bfloat16).to(tl.float32) * tl.load(OS)
+        tl.store(o_ptrs, tl.clamp(y, -448.0, 448.0).to(tl.float8e4nv), mask=offs_m[:, None] < Lq)
+    else:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < Lq)
+
+
+@triton.jit
+def attn_body(Q, K, V, QS, KS, VS, Out, Lq, Lk, L_pad, H, n_kblocks,
+              s_qb, s_qh, s_ql, s_kb, s_kh, s_kn, s_ob, s_ol, s_oh,
+              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KS_BLOCK: tl.constexpr):  # fmt: skip
+    """The attention, Out in q's dtype (see _attend)."""
+    _attend(Q, K, V, QS, KS, VS, Out, VS, Lq, Lk, L_pad, H, n_kblocks, s_qb, s_qh, s_ql, s_kb, s_kh, s_kn,
+            s_ob, s_ol, s_oh, D, BLOCK_M, BLOCK_N, KS_BLOCK, False)  # fmt: skip
+
+
+@triton.jit
+def attn_body_fp8(Q, K, V, QS, KS, VS, Out, OS, Lq, Lk, L_pad, H, n_kblocks,
+                  s_qb, s_qh, s_ql, s_kb, s_kh, s_kn, s_ob, s_ol, s_oh,
+                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KS_BLOCK: tl.constexpr):  # fmt: skip
+    """The attention written as the next FP8 linear's input, quantized with 1 / scale at OS (see _attend)."""
+    _attend(Q, K, V, QS, KS, VS, Out, OS, Lq, Lk, L_pad, H, n_kblocks, s_qb, s_qh, s_ql, s_kb, s_kh, s_kn,
+            s_ob, s_ol, s_oh, D, BLOCK_M, BLOCK_N, KS_BLOCK, True)  # fmt: skip
 
 
 attn_kernel = triton.autotune(configs=_configs(), key=["Lq", "Lk", "D"])(attn_body)
+attn_kernel_fp8 = triton.autotune(configs=_configs(), key=["Lq", "Lk", "D"])(attn_body_fp8)

@@ -157,6 +157,66 @@ def test_triton_kernels_agree_with_the_reference_in_the_interpreter():
     assert len(errors) == 6 and max(errors) < 0.05, errors
 
 
+INTERPRETED_FP8 = textwrap.dedent("""
+    import torch
+
+    from bench.common import fp8_steps
+    from x2v.plugins import sage_attention as sage, sage_kernels as K
+    from tests.test_sage import realistic
+
+    torch.manual_seed(0)
+    for n, h, d in ((300, 2, 64), (1030, 1, 128)):
+        q, k, v = (t.bfloat16() for t in realistic(1, n, h, d))
+        inv = torch.tensor(448 / 4.0)  # saturates the largest outputs
+        out = sage.launch(q, k, v, lambda f: f, K.attn_body, BLOCK_M=64)
+        q8 = sage.launch(q, k, v, lambda f: f, K.attn_body_fp8, None, inv, BLOCK_M=64)
+        pre = (out.float() * inv).clamp(-448, 448)
+        ref = pre.to(torch.float8_e4m3fn)
+        # The interpreter's E4M3 rounding does not carry into the exponent (1.111b rounds to 1.000b at the same
+        # exponent): leave out the elements whose correct rounding carries (as test_fp8's GELU kernel test).
+        cut = (pre.view(torch.int32) & ~((1 << 20) - 1)).view(torch.float32)
+        keep = torch.frexp(ref.float())[1] == torch.frexp(cut)[1]
+        steps = fp8_steps(q8[keep], ref[keep])
+        print(q8.dtype == torch.float8_e4m3fn, steps.max().item(), (~keep).float().mean().item())
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
+def test_the_fp8_output_kernel_writes_the_next_linears_quantized_input_in_the_interpreter():
+    """attn_body_fp8 against attn_body's bf16 output quantized as FP8Linear does, within a step (the GPU rounds
+    both the same way; the interpreter's E4M3 conversion is approximate). A wrong scale or store is many steps."""
+    rows = [line.split() for line in run_interpreted(INTERPRETED_FP8).split("\n") if line]
+    assert len(rows) == 2 and all(r[0] == "True" and int(r[1]) <= 1 and float(r[2]) < 0.1 for r in rows), rows
+
+
+def test_an_fp8_o_projection_takes_its_input_from_the_sage_op():
+    """With SageAttention and a static FP8 o projection, the op quantizes its own output for o
+    (x2v::sage_attention_fp8): the same block output as the op's bf16 output through o, and the exported graph
+    holds the FP8 op instead of the bf16 one."""
+    from x2v.export.dit import SelfAttention, rope_tables
+    from x2v.export.fp8 import FP8Linear, configure_fp8, quantize
+
+    torch.manual_seed(0)
+    dim, heads = 64, 2
+    att = SelfAttention(dim, heads, 1e-6).bfloat16()
+    w = torch.randn(dim, dim) * 0.1
+    att.o = FP8Linear(dim, dim)
+    att.o.weight, att.o.weight_scale = quantize(w, w.abs().amax() / 448), w.abs().amax() / 448
+    att.o.bias, att.o.input_scale = (torch.randn(dim) * 0.1).bfloat16(), torch.tensor(2.0 / 448)
+    configure_fp8(att, "cpu", impl="scaled_mm")  # the GPU product; torch._scaled_mm runs on the CPU too
+    att.attn_impl = "sage_op"
+    x, (cos, sin) = torch.randn(1, 200, dim).bfloat16(), rope_tables((2, 10, 10), dim // heads)
+    fused = att(x, cos, sin)
+    try:
+        SelfAttention.fp8_out = False
+        unfused = att(x, cos, sin)
+    finally:
+        SelfAttention.fp8_out = True
+    assert torch.equal(fused, unfused)
+    ops = {str(n.target) for n in torch.export.export(att, (x, cos, sin), strict=False).graph.nodes}
+    assert "x2v.sage_attention_fp8.default" in ops and "x2v.sage_attention.default" not in ops
+
+
 def test_fused_quantization_hands_the_kernel_the_layouts_it_reads():
     """What a compiled graph computes instead of the quantization kernels: the reference's values, V
     transposed to [B, H, D, L] and zero-padded to whole key blocks (the last P.V block reads past L)."""
