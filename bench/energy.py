@@ -8,7 +8,8 @@ asks of the code is then a number of joules a block call. This measures them wit
 (NVML `nvmlDeviceGetTotalEnergyConsumption`, millijoules) while each workload runs back to back after a warm-up
 of the same workload, so the board is in the steady state of a denoising loop:
 
-  block-<variant>   one block engine call (AOTInductor, weights as inputs), as the engines run it
+  block-<variant>   one block engine call (AOTInductor, weights as inputs), as the engines run it; -before:
+                    FP8Linear as it was before 2026-11-29, -bf16-out: the Sage op's output in bf16 (BLOCKS)
   sage              the self-attention through the SageAttention op, its quantization kernels included
   sdpa              the self-attention through SDPA (bf16)
   gemms-fp8         the block's twelve FP8 GEMMs (`torch._scaled_mm`, fast accumulation as the H200 builds)
@@ -52,10 +53,26 @@ BLOCKS = {  # name: (model, attention, FP8 fast accumulation); the first is the 
     "fp8-sage": ("fp8", "sage_op", True),
     "fp8-sdpa": ("fp8", "sdpa", True),
     "bf16-sdpa": ("bf16", "sdpa", False),
-    # FP8Linear as built before 2026-11-29 (bench.common.fp8_linear_before)
+    # FP8Linear as built before 2026-11-29 (bench.common.fp8_linear_before), the attention's output in bf16
     "fp8-sage-before": ("fp8", "sage_op", True),
     "fp8-sdpa-before": ("fp8", "sdpa", True),
+    # the Sage op's bf16 output through the o projection's own FP8 cast (SelfAttention.fp8_out = False)
+    "fp8-sage-bf16-out": ("fp8", "sage_op", True),
 }
+
+
+@contextlib.contextmanager
+def as_built(name: str):
+    """Build and run the block `name` as its suffix says (-before, -bf16-out; see BLOCKS)."""
+    from x2v.export.dit import SelfAttention
+
+    with contextlib.ExitStack() as stack:
+        if name.endswith("-before"):
+            stack.enter_context(before())
+        if name.endswith(("-before", "-bf16-out")):
+            SelfAttention.fp8_out = False
+            stack.callback(setattr, SelfAttention, "fp8_out", True)
+        yield
 
 
 class Board:
@@ -222,7 +239,7 @@ def main():
     models = {"bf16": random_dit(cfg)}
     x = inputs(cfg, frames, height, width)
     shape = x["x"].shape
-    run = {}
+    run, outs = {}, {}
     with torch.no_grad():
         tokens, e, e0, ctx, cos, sin = models["bf16"].pre(*(x[a] for a in ORDER))
         n, heads, hd = tokens.shape[1], cfg.dit.num_heads, cfg.dit.head_dim
@@ -238,19 +255,25 @@ def main():
             if kind == "fp8":
                 configure_fp8(model, "cuda", fast_accum=fast)
             sage.TILE, sage.TRACED_QUANT = TILE, "kernels"
-            with before() if name.endswith("-before") else contextlib.nullcontext():
+            with as_built(name):
                 eager = model.blocks[0](*block_args).float()
                 t0 = time.perf_counter()
                 path = d / f"block-{name}.pt2"
                 E.export_aoti(model, "block", shape, path, "cuda")
             blk = load_pt2(path)
             a = (*block_args, *E.engine_weights(model, "block"))
+            outs[name] = blk(*a)
             res["blocks"][name] = {
                 "build_s": time.perf_counter() - t0,
-                "vs_eager": rel_err(blk(*a).float(), eager),
+                "vs_eager": rel_err(outs[name].float(), eager),
             }
             run[f"block-{name}"] = lambda blk=blk, a=a: blk(*a)
             print(name, json.dumps(res["blocks"][name]), flush=True)
+        if "fp8-sage" in outs and "fp8-sage-bf16-out" in outs:  # the same math, so the same bits
+            a, b = outs["fp8-sage"], outs["fp8-sage-bf16-out"]
+            res["fp8_out_vs_bf16_out"] = {"equal": bool(torch.equal(a, b)), **rel_err(a.float(), b.float())}
+            print("fp8_out_vs_bf16_out", res["fp8_out_vs_bf16_out"], flush=True)
+        del outs
         block = models["fp8"].blocks[0]
         run["gemms-fp8"], res["gemms_fp8"] = gemm_calls(block, n, ctx.shape[1] - cfg.dit.clip_tokens,
                                                         cfg.dit.clip_tokens, True)  # fmt: skip
@@ -302,16 +325,17 @@ def main():
     }
     res["split"] = {}
     for name in res["blocks"]:
-        attn, gemms = parts[name.removesuffix("-before")]
+        attn, gemms = parts[name.removesuffix("-before").removesuffix("-bf16-out")]
         blk = w[f"block-{name}"]
         rest = {u: blk[u] - w[attn][u] - w[gemms][u] - w["cross"][u] for u in ("j", "ms")}
         res["split"][name] = {"block_j": blk["j"], "attention_j": w[attn]["j"], "gemms_j": w[gemms]["j"],
                               "cross_j": w["cross"]["j"], "rest_j": rest["j"], "block_ms": blk["ms"],
                               "rest_ms": rest["ms"], "w": blk["w"]}  # fmt: skip
-    for name in ("fp8-sage", "fp8-sdpa"):
-        if name in res["split"] and f"{name}-before" in res["split"]:
-            new, old = res["split"][name], res["split"][f"{name}-before"]
-            res["split"][f"{name} / {name}-before"] = {u: new[u] / old[u] for u in ("block_j", "block_ms")}
+    for name, other in (("fp8-sage", "fp8-sage-before"), ("fp8-sdpa", "fp8-sdpa-before"),
+                        ("fp8-sage", "fp8-sage-bf16-out"), ("fp8-sage-bf16-out", "fp8-sage-before")):  # fmt: skip
+        if name in res["split"] and other in res["split"]:
+            new, old = res["split"][name], res["split"][other]
+            res["split"][f"{name} / {other}"] = {u: new[u] / old[u] for u in ("block_j", "block_ms")}
     for name in ("fp8-sdpa", "fp8-sdpa-before"):
         if name in res["split"] and "bf16-sdpa" in res["split"]:
             f, b = res["split"][name], res["split"]["bf16-sdpa"]
