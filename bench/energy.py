@@ -1,6 +1,6 @@
 """Energy of a full-size DiT block call and of its parts, at the card's steady state (GPU).
 
-    python bench/energy.py [--model i2v-14b-480p] [--size 81x544x720] [--out DIR]   (writes energy-<card>.json)
+    python bench/energy.py [--model i2v-14b-480p] [--size 81x544x720] [--out DIR]   (writes <--name, energy>-<card>.json)
 
 Why: the card runs its tensor-core kernels at the 700 W limit, so a denoising step takes about its energy over
 700 W, and kernel time taken out of one part has come back as time in another (bench/NOTES.md). What a speed goal
@@ -224,6 +224,7 @@ def main():
     ap.add_argument("--nvml-index", type=int, default=0)
     ap.add_argument("--dir", default="/tmp/x2v-energy")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--name", default="energy", help="result file name (<name>-<card>.json)")
     args = ap.parse_args()
     from x2v.export import engines as E
 
@@ -303,7 +304,7 @@ def main():
         for name in [k for k in run if k not in blocks]:
             res["workloads"][name] = steady(board, run[name], args.seconds, args.warm_s)
             print(name, json.dumps(res["workloads"][name]), flush=True)
-            write_result("energy", res, args.out)
+            write_result(args.name, res, args.out)
         # the blocks in rounds, each round one further along, so that a drift of the board over the run (its
         # temperature) does not favour the ones measured first; the mean of the rounds
         rounds = {k: [] for k in blocks}
@@ -344,7 +345,7 @@ def main():
                 "without_attention_j": (f["block_j"] - f["attention_j"]) / (b["block_j"] - b["attention_j"]),
             }  # fmt: skip
     print("split", json.dumps(res["split"]), flush=True)
-    print(f"wrote {write_result('energy', res, args.out)}")
+    print(f"wrote {write_result(args.name, res, args.out)}")
 
 
 if __name__ == "__main__":
