@@ -128,8 +128,8 @@ class FeedForward(nn.Sequential):
         up, _, down = self
         x2 = x.reshape(-1, x.shape[-1])
         xs, hs = up.input_scale.float(), down.input_scale.float()
-        h = torch.ops.x2v.fp8_gelu_linear(quantize_by(x2, 1.0 / xs), up.weight, xs, up.weight_scale, up.bias, hs,
-                                          up.fast_accum)  # fmt: skip
+        h = torch.ops.x2v.fp8_gelu_linear(quantize_by(x2, 1.0 / xs), up.weight, xs, up.weight_scale, up.bias,
+                                          hs, up.fast_accum)  # fmt: skip
         return down.product(h, hs, x.dtype).reshape(*x.shape[:-1], down.out_features)
 
 
@@ -178,8 +178,8 @@ class SelfAttention(nn.Module):
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (n, -1)), cos, sin)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (n, -1)), cos, sin)
         v = self.v(x).unflatten(-1, (n, -1))
-        fp8_out = self.attn_impl == "sage_op" and self.fp8_out and getattr(self.o, "takes_fp8", False)
-        if fp8_out and x.dtype == torch.bfloat16:
+        op_quantizes = self.attn_impl == "sage_op" and self.fp8_out and getattr(self.o, "takes_fp8", False)
+        if op_quantizes and x.dtype == torch.bfloat16:
             import x2v.plugins.sage_attention  # noqa: F401  (registers the op)
 
             inv = 1.0 / self.o.input_scale.float()
