@@ -191,10 +191,12 @@ def kernel_breakdown(fn, top: int = 12) -> dict:
 @contextlib.contextmanager
 def fp8_linear_before():
     """FP8Linear's GPU path as it was until 2026-11-29 (static per-tensor scales): `x / scale` an element, and
-    the bias added to the GEMM's rounded output. For benches that measure the change side by side."""
+    the bias added to the GEMM's rounded output; the SageAttention op's output in bf16, cast by the o projection
+    (SelfAttention.fp8_out off). For benches that measure the changes side by side."""
+    from x2v.export.dit import SelfAttention
     from x2v.export.fp8 import FP8Linear, quantize
 
-    saved = FP8Linear.forward, FP8Linear.product
+    saved = FP8Linear.forward, FP8Linear.product, SelfAttention.fp8_out
 
     def forward(self, x):
         x2 = x.reshape(-1, x.shape[-1])
@@ -207,8 +209,8 @@ def fp8_linear_before():
                                out_dtype=out_dtype, use_fast_accum=self.fast_accum)  # fmt: skip
         return out if self.bias is None else out + self.bias.to(out_dtype)
 
-    FP8Linear.forward, FP8Linear.product = forward, product
+    FP8Linear.forward, FP8Linear.product, SelfAttention.fp8_out = forward, product, False
     try:
         yield
     finally:
-        FP8Linear.forward, FP8Linear.product = saved
+        FP8Linear.forward, FP8Linear.product, SelfAttention.fp8_out = saved

@@ -69,9 +69,9 @@ def as_built(name: str):
     with contextlib.ExitStack() as stack:
         if name.endswith("-before"):
             stack.enter_context(before())
-        if name.endswith(("-before", "-bf16-out")):
+        elif name.endswith("-bf16-out"):
+            stack.callback(setattr, SelfAttention, "fp8_out", SelfAttention.fp8_out)
             SelfAttention.fp8_out = False
-            stack.callback(setattr, SelfAttention, "fp8_out", True)
         yield
 
 
