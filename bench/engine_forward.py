@@ -97,7 +97,7 @@ VARIANTS = {  # name: (FP8, attention, fast accumulation, GELU + FP8 cast in ffn
     "fp8-sage": (True, "sage_op", False, False),
     "fp8-sage-fast": (True, "sage_op", True, False),
     "fp8-sage-fast-gelu": (True, "sage_op", True, True),
-    # *-before: FP8Linear as built before 2026-11-29 (bench.common.fp8_linear_before: x / scale, bias added after the GEMM)
+    # *-before: as built before 2026-11-29 (bench.common.fp8_linear_before)
     "fp8-sdpa-fast-before": (True, "sdpa", True, False),
     "fp8-sage-fast-before": (True, "sage_op", True, False),
 }

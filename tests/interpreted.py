@@ -27,3 +27,17 @@ def run_interpreted(script: str) -> str:
                          env=env, cwd=ROOT)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
+
+
+def fp8_steps_against(out, pre):
+    """(most E4M3 steps between a kernel's interpreted `out` and torch's cast of `pre`, the fraction left out).
+    The interpreter's FP8 rounding does not carry into the exponent (1.111b rounds up to 1.000b at the same
+    exponent), so the elements whose correct rounding carries are left out."""
+    import torch
+
+    from bench.common import fp8_steps
+
+    ref = pre.clamp(-448, 448).to(torch.float8_e4m3fn)
+    cut = (pre.view(torch.int32) & ~((1 << 20) - 1)).view(torch.float32)
+    carries = torch.frexp(ref.float())[1] != torch.frexp(cut)[1]
+    return fp8_steps(out[~carries], ref[~carries]).max().item(), carries.float().mean().item()

@@ -325,7 +325,7 @@ GEMM_INTERPRETED = """
 import torch
 
 from x2v.export import fp8_kernels as FK
-from bench.common import fp8_steps
+from tests.interpreted import fp8_steps_against
 
 def truncated(x):  # float32 -> bf16 toward zero, as the interpreter converts (a GPU rounds)
     return (x.float().contiguous().view(torch.int32) & -65536).view(torch.float32)
@@ -343,12 +343,7 @@ for channel in (False, True):
     # the reference with the interpreter's bf16 conversions, before its FP8 cast
     y = truncated(q.float() @ wq.float().t() * (xs * ws) + bias.float())
     pre = truncated(y * torch.sigmoid(FK.GELU_C * (y + 0.044715 * y * y * y))) / so
-    ref = pre.clamp(-448, 448).to(torch.float8_e4m3fn)
-    # The interpreter's FP8 rounding does not carry into the exponent (1.111b rounds up to 1.000b at the
-    # same exponent): leave out the elements whose correct rounding carries.
-    cut = (pre.view(torch.int32) & ~((1 << 20) - 1)).view(torch.float32)
-    carries = torch.frexp(ref.float())[1] != torch.frexp(cut)[1]
-    print(fp8_steps(out[~carries], ref[~carries]).max().item(), carries.float().mean().item())
+    print(*fp8_steps_against(out, pre))
 """
 
 

@@ -160,9 +160,9 @@ def test_triton_kernels_agree_with_the_reference_in_the_interpreter():
 INTERPRETED_FP8 = textwrap.dedent("""
     import torch
 
-    from bench.common import fp8_steps
-    from x2v.plugins import sage_attention as sage, sage_kernels as K
+    from tests.interpreted import fp8_steps_against
     from tests.test_sage import realistic
+    from x2v.plugins import sage_attention as sage, sage_kernels as K
 
     torch.manual_seed(0)
     for n, h, d in ((300, 2, 64), (1030, 1, 128)):
@@ -170,14 +170,7 @@ INTERPRETED_FP8 = textwrap.dedent("""
         inv = torch.tensor(448 / 4.0)  # saturates the largest outputs
         out = sage.launch(q, k, v, lambda f: f, K.attn_body, BLOCK_M=64)
         q8 = sage.launch(q, k, v, lambda f: f, K.attn_body_fp8, None, inv, BLOCK_M=64)
-        pre = (out.float() * inv).clamp(-448, 448)
-        ref = pre.to(torch.float8_e4m3fn)
-        # The interpreter's E4M3 rounding does not carry into the exponent (1.111b rounds to 1.000b at the same
-        # exponent): leave out the elements whose correct rounding carries (as test_fp8's GELU kernel test).
-        cut = (pre.view(torch.int32) & ~((1 << 20) - 1)).view(torch.float32)
-        keep = torch.frexp(ref.float())[1] == torch.frexp(cut)[1]
-        steps = fp8_steps(q8[keep], ref[keep])
-        print(q8.dtype == torch.float8_e4m3fn, steps.max().item(), (~keep).float().mean().item())
+        print(q8.dtype == torch.float8_e4m3fn, *fp8_steps_against(q8, (out.float() * inv).clamp(-448, 448)))
 """)
 
 
