@@ -4,13 +4,18 @@ The top-level folders are installed as subpackages of one `x2v` namespace, so `i
 after `pip install .` while the repository keeps the flat layout users browse.
 """
 
+import re
+from pathlib import Path
+
 from setuptools import setup
 
 SUBPACKAGES = ["export", "runtime", "plugins", "calibration", "configs"]
+INIT = (Path(__file__).parent / "runtime" / "__init__.py").read_text()
+VERSION = re.search(r'__version__ = "([^"]+)"', INIT)[1]  # one value: runtime/__init__.py
 
 setup(
     name="x2v",
-    version="0.1.0",
+    version=VERSION,
     description="Export Wan2.1 to per-GPU engines (FP8, SageAttention) and run them in a lean runtime",
     python_requires=">=3.10",
     packages=[f"x2v.{p}" for p in SUBPACKAGES],

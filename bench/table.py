@@ -327,7 +327,9 @@ def render(args) -> Path:
     tiles = ", ".join(f"{n} {tile(rows[n])}" for n in ROWS if n in rows)
     env = next(iter(rows.values()))["env"]
     commits = ", ".join(sorted({r["env"]["git_commit"][:7] for r in rows.values()}))
-    lines += ["", f"Card {env['card']}, driver {env.get('driver', '-')}, torch {env['torch']}, commits {commits}.",
+    x2v = ", ".join(sorted({r["env"]["x2v"] for r in rows.values() if "x2v" in r["env"]}))
+    x2v = f"x2v {x2v}, commits {commits}" if x2v else f"x2v at commits {commits}"  # rows before the field
+    lines += ["", f"Card {env['card']}, driver {env.get('driver', '-')}, torch {env['torch']}, {x2v}.",
               "Speedup: baseline end-to-end / row end-to-end, both over the full schedule (projected where fewer steps "
               "ran: the measured run plus the missing steps at the median of steps 2..n, computed and skipped steps apart).",
               "Peak: GPU memory allocated at most over the request; in parentheses the denoising phase's (the DiT's weights "

@@ -46,7 +46,9 @@ def parse_profile(text: str) -> tuple[int, int, int]:
 
 
 def versions(backend: str) -> dict:
-    v = {"torch": torch.__version__}
+    from x2v.runtime import __version__
+
+    v = {"x2v": __version__, "torch": torch.__version__}
     for mod in ("triton", "onnx", "onnxruntime", "modelopt", "tensorrt"):
         try:
             v[mod] = __import__(mod).__version__

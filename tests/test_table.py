@@ -24,6 +24,7 @@ def table(*args):
 def test_table_rows_and_render(tiny_ckpt, tiny_cfg, tmp_path):
     from x2v.calibration import capture, ptq
     from x2v.export.load import load_dit
+    from x2v.runtime import __version__
     from x2v.runtime.config import CONFIG_DIR
     from x2v.runtime.pipeline import Pipeline
 
@@ -37,10 +38,9 @@ def test_table_rows_and_render(tiny_ckpt, tiny_cfg, tmp_path):
     engines = tmp_path / "engines"
     build("tiny", tiny_ckpt, "cpu", engines, dit_file="dit-fp8-table", dit_only=True, log=lambda s: None)
     # the sitting script builds the profile the rows ask for
-    assert (
-        table("--print-profile", "--model", "tiny").strip()
-        in json.loads((engines / "manifest.json").read_text())["profiles"]
-    )
+    manifest = json.loads((engines / "manifest.json").read_text())
+    assert table("--print-profile", "--model", "tiny").strip() in manifest["profiles"]
+    assert manifest["versions"]["x2v"] == __version__
 
     common = ["--model", "tiny", "--distill-model", "tiny-distill", "--ckpt", str(tiny_ckpt),
               "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results")]  # fmt: skip
@@ -63,6 +63,7 @@ def test_table_rows_and_render(tiny_ckpt, tiny_cfg, tmp_path):
     assert "| fp8 | 4/4 of 8 |" in md and (tmp_path / "results" / "table-cpu.md").is_file()
     assert "left out: sage-mixed, fp8-teacache." in md  # rows not run are named, not silently missing
     assert "Encode parts (s): baseline text " in md
+    assert f"x2v {__version__}+g" in md  # the rows' x2v version and commit
 
 
 def test_projection_adds_missing_computed_and_skipped_steps_apart():
