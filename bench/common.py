@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from x2v.runtime import __version__
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -23,8 +25,6 @@ def environment() -> dict:
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     env["git_commit"] = os.environ.get("X2V_GIT_COMMIT") or _git_commit()
-    from x2v.runtime import __version__
-
     env["x2v"] = __version__ if env["git_commit"] == "unknown" else f"{__version__}+g{env['git_commit'][:7]}"
     if torch.cuda.is_available():
         env["card"] = torch.cuda.get_device_name()
