@@ -25,7 +25,7 @@ def environment() -> dict:
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     env["git_commit"] = os.environ.get("X2V_GIT_COMMIT") or _git_commit()
-    env["x2v"] = __version__ if env["git_commit"] == "unknown" else f"{__version__}+g{env['git_commit'][:7]}"
+    env["x2v"] = __version__
     if torch.cuda.is_available():
         env["card"] = torch.cuda.get_device_name()
         env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))

@@ -63,7 +63,7 @@ def test_table_rows_and_render(tiny_ckpt, tiny_cfg, tmp_path):
     assert "| fp8 | 4/4 of 8 |" in md and (tmp_path / "results" / "table-cpu.md").is_file()
     assert "left out: sage-mixed, fp8-teacache." in md  # rows not run are named, not silently missing
     assert "Encode parts (s): baseline text " in md
-    assert f"x2v {__version__}+g" in md  # the rows' x2v version and commit
+    assert f"x2v {__version__}, commits " in md  # the rows' x2v version beside their commits
 
 
 def test_projection_adds_missing_computed_and_skipped_steps_apart():
