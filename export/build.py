@@ -17,6 +17,7 @@ import torch
 
 from x2v.export import engines as E
 from x2v.plugins import sage_attention as sage
+from x2v.runtime import __version__
 from x2v.runtime.checkpoint import CheckpointError, identity, resolve
 from x2v.runtime.config import ConfigError, current_gpu, load_gpu_config, load_model_config
 from x2v.runtime.engines import FORMAT, MANIFEST, dtype_name, sha256_file
@@ -46,8 +47,6 @@ def parse_profile(text: str) -> tuple[int, int, int]:
 
 
 def versions(backend: str) -> dict:
-    from x2v.runtime import __version__
-
     v = {"x2v": __version__, "torch": torch.__version__}
     for mod in ("triton", "onnx", "onnxruntime", "modelopt", "tensorrt"):
         try:

@@ -336,9 +336,10 @@ def _(q, k, v, inv_scale):
 
 
 @_sage_attention_fp8_op.register_kernel("cpu")
-def _(q, k, v, inv_scale):  # the reference, then FP8Linear's cast (export.fp8.quantize_by)
-    out = sage_reference(q, k, v).float() * inv_scale.float()
-    return out.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+def _(q, k, v, inv_scale):  # the reference, then FP8Linear's cast
+    from x2v.export.fp8 import quantize_by
+
+    return quantize_by(sage_reference(q, k, v), inv_scale.float())
 
 
 def _tile(q: torch.Tensor, traced: bool) -> dict | None:
