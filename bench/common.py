@@ -187,8 +187,14 @@ def kernel_breakdown(fn, top: int = 12) -> dict:
         kinds[kind] = kinds.get(kind, 0.0) + dt / 1e3
         kernels[ev.name] = kernels.get(ev.name, 0.0) + dt / 1e3
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
-    return {"by_kind_ms": kinds, "total_ms": sum(kinds.values()),
+    # the attention kernels themselves (cuDNN/flash SDPA, SageAttention's body), not the Inductor kernels that
+    # kernel_kind counts with them because they feed them: what is left is the linear-and-elementwise part
+    attn = sum(v for k, v in kernels.items() if any(a in k.lower() for a in ATTENTION_KERNELS))
+    return {"by_kind_ms": kinds, "total_ms": sum(kinds.values()), "attention_kernels_ms": attn,
             "top_ms": [{"kernel": k[:160], "kind": kernel_kind(k), "ms": v} for k, v in ranked]}  # fmt: skip
+
+
+ATTENTION_KERNELS = ("cudnn_generated", "sdpa_sm90", "flash_fwd", "fmha", "attn_body")
 
 
 @contextlib.contextmanager
@@ -217,3 +223,19 @@ def fp8_linear_before():
         yield
     finally:
         FP8Linear.forward, FP8Linear.product, SelfAttention.fp8_out = saved
+
+
+@contextlib.contextmanager
+def fp8_cast_before():
+    """The FP8 casts as compiled until 2026-11-29 (commit 005f17d): Inductor's clamp before every E4M3 cast, and
+    q, k and v each quantizing the self-attention input. For benches that measure the change side by side."""
+    from x2v.export import fp8
+    from x2v.export.dit import SelfAttention
+
+    saved = fp8.SATURATING_CAST, SelfAttention.project
+    fp8.SATURATING_CAST = False
+    SelfAttention.project = lambda self, x: (self.q(x), self.k(x), self.v(x))
+    try:
+        yield
+    finally:
+        fp8.SATURATING_CAST, SelfAttention.project = saved

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.common import fp8_cast_before as cast_before
 from bench.common import fp8_linear_before as before
 from bench.common import interleaved, kernel_breakdown, rel_err, time_cuda, write_result
 from bench.dit_forward import inputs, random_dit
@@ -89,6 +90,49 @@ def sage_op_package(q, k, v, path: Path):
     return load_pt2(path)
 
 
+# The linear-and-elementwise part on its own: attention "none" replaces the self-attention kernel by a copy of q
+# (an opaque op of its own, so k and v and everything that produces them stay in the engine). The copy, 0.3 GB
+# read and written, stays in both bf16 and FP8 forwards.
+try:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _standin_copy(src, dst, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
+
+    @torch.library.triton_op("x2v_bench::attention_standin", mutates_args={})
+    def attention_standin(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        n = q.numel()
+        torch.library.wrap_triton(_standin_copy)[(triton.cdiv(n, 4096),)](q, out, n, BLOCK=4096)
+        return out
+
+except ImportError:  # CPU installs without Triton never run this bench
+    pass
+
+
+@contextlib.contextmanager
+def no_self_attention(on: bool):
+    from x2v.export import dit as dit_mod
+
+    real = dit_mod.attention
+
+    def standin(q, k, v, impl="sdpa"):
+        if q.shape[1] != k.shape[1]:  # cross-attention (512 / 257 keys) runs as in the forward
+            return real(q, k, v, impl)
+        return torch.ops.x2v_bench.attention_standin(q, k, v).flatten(2)
+
+    if on:
+        dit_mod.attention = standin
+    try:
+        yield
+    finally:
+        dit_mod.attention = real
+
+
 VARIANTS = {  # name: (FP8, attention, fast accumulation, GELU + FP8 cast in ffn.0's epilogue)
     "bf16-sdpa": (False, "sdpa", False, False),
     "fp8-sdpa": (True, "sdpa", False, False),
@@ -100,7 +144,24 @@ VARIANTS = {  # name: (FP8, attention, fast accumulation, GELU + FP8 cast in ffn
     # *-before: as built before 2026-11-29 (bench.common.fp8_linear_before)
     "fp8-sdpa-fast-before": (True, "sdpa", True, False),
     "fp8-sage-fast-before": (True, "sage_op", True, False),
+    # *-clamp: the casts as compiled until 2026-11-29 (bench.common.fp8_cast_before)
+    "fp8-sdpa-fast-clamp": (True, "sdpa", True, False),
+    "fp8-sage-fast-clamp": (True, "sage_op", True, False),
+    # the linear-and-elementwise part on its own (no_self_attention)
+    "bf16-none": (False, "none", False, False),
+    "fp8-none-fast": (True, "none", True, False),
+    "fp8-none-fast-clamp": (True, "none", True, False),
 }
+
+
+def variant_context(name: str):
+    stack = contextlib.ExitStack()
+    if name.endswith("-before"):
+        stack.enter_context(before())
+    if name.endswith("-clamp"):
+        stack.enter_context(cast_before())
+    stack.enter_context(no_self_attention(VARIANTS[name][1] == "none"))
+    return stack
 
 
 def attention_checks(cfg, n, d, package: bool = True):
@@ -143,6 +204,7 @@ def main():
     ap.add_argument("--autotune", action="store_true", help="AOTInductor max-autotune for the block engines")
     ap.add_argument("--variants", default="bf16-sdpa,fp8-sdpa,fp8-sage")
     ap.add_argument("--name", default="engine_forward", help="result file name (<name>-<card>.json)")
+    ap.add_argument("--no-eager", dest="eager", action="store_false", help="skip timing the eager forwards")
     ap.add_argument("--no-op-package", dest="op_package", action="store_false",
                     help="skip compiling the SageAttention op alone into a package")  # fmt: skip
     args = ap.parse_args()
@@ -182,10 +244,12 @@ def main():
 
         def variant(name):
             quantized, attn, fast, gelu = VARIANTS[name]
-            model = (fp8 if quantized else bf16).configure(torch.bfloat16, attn)
+            model = (fp8 if quantized else bf16).configure(torch.bfloat16, "sdpa" if attn == "none" else attn)
             if quantized:
                 configure_fp8(model, "cuda", fast_accum=fast, gelu_epilogue=gelu)
-            r = {"eager": time_cuda(lambda m=model: m(**x), 1, args.reps)["median_ms"]}
+            r = {"eager": time_cuda(lambda m=model: m(**x), 1, args.reps)["median_ms"]} if args.eager else {}
+            if quantized:
+                r["shared_qkv_input"] = model.blocks[0].self_attn.shared_fp8_input
             eager_block = model.blocks[0](*pre_out[0:1], pre_out[2], *pre_out[3:])
             t0 = time.perf_counter()
             tune = (
@@ -218,49 +282,41 @@ def main():
             out = forward().float()
             r["engine_vs_bf16_eager"] = rel_err(out, ref)
             forwards[name] = forward
-            r["eager_vs_bf16_eager"] = rel_err(model(**x).float(), ref)
-            kind = "sage" if attn == "sage_op" else "sdpa"
-            r["linear_elementwise_ms"] = {"eager": r["eager"] - res["attention_x40_ms"][kind],
-                                          "engine": r["engine"] - res["attention_x40_ms"][kind]}  # fmt: skip
+            if attn != "none":
+                r["eager_vs_bf16_eager"] = rel_err(model(**x).float(), ref)
+                a40 = res["attention_x40_ms"]["sage" if attn == "sage_op" else "sdpa"]
+                r["linear_elementwise_ms"] = {k: r[k] - a40 for k in ("eager", "engine") if k in r}
             res["variants"][name] = r
             log(name, r)
             write_result(args.name, res, args.out)
 
         for name in args.variants.split(","):
-            with before() if name.endswith("-before") else contextlib.nullcontext():
+            with variant_context(name):
                 variant(name)
         res["interleaved_ms"] = interleaved(forwards, args.reps)
         log("interleaved_ms", res["interleaved_ms"])
         # the fixed order every earlier file used (bf16 first), to see what the order itself does
         res["interleaved_fixed_order_ms"] = interleaved(forwards, args.reps, rotate=False)
         log("interleaved_fixed_order_ms", res["interleaved_fixed_order_ms"])
-    v, inter = res["variants"], res["interleaved_ms"]
-    res["ratios"] = {}
-    if "bf16-sdpa" in v:
-        bf16_linear = v["bf16-sdpa"]["linear_elementwise_ms"]["engine"]
-        res["ratios"]["engine bf16-sdpa / eager bf16-sdpa"] = (
-            v["bf16-sdpa"]["engine"] / v["bf16-sdpa"]["eager"]
-        )
-        for name in v:
-            if name != "bf16-sdpa":
-                res["ratios"][f"engine {name} / eager bf16-sdpa"] = (
-                    v[name]["engine"] / v["bf16-sdpa"]["eager"]
-                )
-                res["ratios"][f"engine {name} / engine bf16-sdpa, interleaved"] = (
-                    inter[name] / inter["bf16-sdpa"]
-                )
-                fixed = res["interleaved_fixed_order_ms"]
-                res["ratios"][f"engine {name} / engine bf16-sdpa, interleaved in a fixed order"] = (
-                    fixed[name] / fixed["bf16-sdpa"]
-                )
-                if "sdpa" in name:
-                    res["ratios"][f"linear part engine {name} / engine bf16"] = (
-                        v[name]["linear_elementwise_ms"]["engine"] / bf16_linear
-                    )
-                    attn = res["attention_x40_ms"]["sdpa"]
-                    res["ratios"][f"linear part engine {name} / engine bf16, interleaved"] = (
-                        inter[name] - attn
-                    ) / (inter["bf16-sdpa"] - attn)
+    v, inter, fixed = res["variants"], res["interleaved_ms"], res["interleaved_fixed_order_ms"]
+    res["ratios"] = ratios = {}
+    # each variant against the bf16 one with the same attention: bf16-sdpa, or bf16-none for "none"
+    for name in v:
+        ref = "bf16-none" if VARIANTS[name][1] == "none" else "bf16-sdpa"
+        if name == ref or ref not in v:
+            continue
+        ratios[f"engine {name} / engine {ref}, interleaved"] = inter[name] / inter[ref]
+        ratios[f"engine {name} / engine {ref}, interleaved in a fixed order"] = fixed[name] / fixed[ref]
+        if "eager" in v[ref]:
+            ratios[f"engine {name} / eager {ref}"] = v[name]["engine"] / v[ref]["eager"]
+        # one block's kernels less the attention kernels themselves (profiled, one call each)
+        part = lambda k: v[k]["block_kernels"]["total_ms"] - v[k]["block_kernels"]["attention_kernels_ms"]
+        ratios[f"block kernels less attention kernels {name} / {ref}"] = part(name) / part(ref)
+        if "sdpa" in name:  # the forward less 40 attention calls timed alone
+            attn = res["attention_x40_ms"]["sdpa"]
+            ratios[f"linear part engine {name} / engine {ref}, interleaved"] = (inter[name] - attn) / (
+                inter[ref] - attn
+            )
     log("ratios", res["ratios"])
     print(f"wrote {write_result(args.name, res, args.out)}")
 

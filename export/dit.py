@@ -161,23 +161,36 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.attn_impl = "sdpa"
+        # Set by export.fp8.configure_fp8 where q, k and v are FP8 linears with one static input scale (ModelOpt's
+        # max calibration gives them the same amax: they see the same tensor): x is quantized once, not three
+        # times, and the norm kernel before them writes one FP8 tensor instead of three.
+        self.shared_fp8_input = False
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # takes_fp8 is off while ONNX export traces every FP8 linear as Q/DQ
+        if not (self.shared_fp8_input and getattr(self.q, "takes_fp8", False)):
+            return self.q(x), self.k(x), self.v(x)
+        from x2v.export.fp8 import quantize_by
+
+        xq = quantize_by(x, 1.0 / self.q.input_scale.float())
+        return tuple(lin.forward_fp8(xq, x.dtype) for lin in (self.q, self.k, self.v))
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, L, C] in compute dtype -> [B, L, C]."""
         n = self.num_heads
+        q, k, v = self.project(x)
+        v = v.unflatten(-1, (n, -1))
         if self.attn_impl == "sage_op_rope":
             import x2v.plugins.sage_attention  # noqa: F401  (registers the op)
 
-            v = self.v(x).unflatten(-1, (n, -1))
-            out = torch.ops.x2v.sage_attention_rope(self.q(x), self.k(x), v, self.norm_q.weight,
-                                                    self.norm_k.weight, cos, sin, n, self.norm_q.eps)  # fmt: skip
+            out = torch.ops.x2v.sage_attention_rope(q, k, v, self.norm_q.weight, self.norm_k.weight, cos, sin, n,
+                                                    self.norm_q.eps)  # fmt: skip
             return self.o(out.flatten(2))
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (n, -1)), cos, sin)
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (n, -1)), cos, sin)
-        v = self.v(x).unflatten(-1, (n, -1))
+        q = apply_rope(self.norm_q(q).unflatten(-1, (n, -1)), cos, sin)
+        k = apply_rope(self.norm_k(k).unflatten(-1, (n, -1)), cos, sin)
         op_quantizes = self.attn_impl == "sage_op" and self.fp8_out and getattr(self.o, "takes_fp8", False)
         if op_quantizes and x.dtype == torch.bfloat16:
             import x2v.plugins.sage_attention  # noqa: F401  (registers the op)

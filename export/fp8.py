@@ -39,8 +39,20 @@ def quantize_by(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
     """x * inv_scale rounded to E4M3, saturating: quantize(x, 1 / inv_scale) with the division an element made a
     multiply, as ModelOpt's fake quantization computes it (x * 448 / amax). An IEEE division is ~8 instructions;
     in the compiled block's norm + cast kernel it cost 0.570 against 0.512 ms, and of 788 M bf16 activations not
-    one rounded differently (H200, bench/results/quant_recip-h200.json). The GPU path (torch._scaled_mm) uses it."""
-    return (x.float() * inv_scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    one rounded differently (H200, bench/results/quant_recip-h200.json). The GPU path (torch._scaled_mm) uses it.
+
+    Compiled for a GPU the clamp is left out: Inductor casts in Triton, whose float32 -> E4M3 conversion on
+    sm89+ is `cvt.rn.satfinite` (+-448 for overflow and +-inf, NaN kept: the clamp's result), while Inductor's
+    NaN-propagating clamp costs about eight instructions an element in every norm/GELU + cast kernel. Checked
+    bit for bit against this eager form on special values (bench/fp8_cast.py)."""
+    y = x.float() * inv_scale
+    if SATURATING_CAST and x.is_cuda and torch.compiler.is_compiling():
+        return y.to(E4M3)
+    return y.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+# Benches set it False to build the form with the clamp side by side (bench/common.fp8_cast_before).
+SATURATING_CAST = True
 
 
 def token_scales(x2: torch.Tensor) -> torch.Tensor:
@@ -227,6 +239,12 @@ def configure_fp8(model: nn.Module, device, impl: str | None = None, fast_accum:
     for m in model.modules():
         if isinstance(m, FP8Linear):
             m.impl, m.fast_accum = impl, fast_accum
+    # One quantization of the self-attention input for q, k and v, where every block allows it: an engine is
+    # traced from block 0 and serves all blocks (the engine's checkpoint identity pins the scales it binds).
+    attns = [m for m in model.modules() if hasattr(m, "shared_fp8_input")]
+    share = bool(attns) and all(same_input_scale((a.q, a.k, a.v)) for a in attns)
+    for a in attns:
+        a.shared_fp8_input = share
     # FFNs whose two linears are both FP8 (blocks kept in high precision have plain ones)
     ffns = [m for m in model.modules() if hasattr(m, "gelu_epilogue")]
     fp8_ffns = [m for m in ffns if isinstance(m[0], FP8Linear) and isinstance(m[2], FP8Linear)]
@@ -240,6 +258,14 @@ def configure_fp8(model: nn.Module, device, impl: str | None = None, fast_accum:
             for m in fp8_ffns:
                 m.gelu_epilogue = True
     return impl
+
+
+def same_input_scale(linears) -> bool:
+    """Whether these linears take FP8 inputs quantized with one static scale (bit-equal values)."""
+    if not all(isinstance(m, FP8Linear) and m.takes_fp8 for m in linears):
+        return False
+    first = linears[0].input_scale
+    return not first.is_meta and all(torch.equal(m.input_scale, first) for m in linears[1:])
 
 
 def epilogue_unsupported(ffns, device, impl: str) -> str | None:

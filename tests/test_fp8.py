@@ -95,6 +95,47 @@ def test_fp8_checkpoint_loads_without_modelopt(tiny_ckpt, tiny_cfg, quantized):
     assert out.stdout.strip() == "FP8Linear"
 
 
+def test_modelopt_gives_q_k_and_v_one_input_scale_so_they_share_one_quantized_input(tiny_ckpt, tiny_cfg, quantized):
+    fp8 = load_dit(tiny_ckpt, tiny_cfg, dtype=torch.bfloat16, dit_file="dit-fp8-test")
+    for block in fp8.blocks:
+        a = block.self_attn
+        assert torch.equal(a.q.input_scale, a.k.input_scale) and torch.equal(a.q.input_scale, a.v.input_scale)
+    configure_fp8(fp8, "cpu", impl="scaled_mm")  # the GPU product; torch._scaled_mm runs on the CPU too
+    assert all(b.self_attn.shared_fp8_input for b in fp8.blocks)
+    configure_fp8(fp8, "cpu")  # dequantized on the CPU: every linear quantizes its own input
+    assert not any(b.self_attn.shared_fp8_input for b in fp8.blocks)
+
+
+def test_a_shared_qkv_quantization_gives_the_three_linears_outputs_bit_for_bit():
+    """One E4M3 copy of the self-attention input for q, k and v: the same output as three copies, two casts fewer
+    in the graph; where one scale differs the linears quantize their own inputs."""
+    from x2v.export.dit import SelfAttention, rope_tables
+
+    torch.manual_seed(0)
+    dim, heads = 64, 2
+    att = SelfAttention(dim, heads, 1e-6).bfloat16()
+    for name in ("q", "k", "v", "o"):
+        w = torch.randn(dim, dim) * 0.1
+        lin = FP8Linear(dim, dim)
+        lin.weight, lin.weight_scale = quantize(w, w.abs().amax() / 448), w.abs().amax() / 448
+        lin.bias, lin.input_scale = (torch.randn(dim) * 0.1).bfloat16(), torch.tensor(2.0 / 448)
+        setattr(att, name, lin)
+    x, (cos, sin) = torch.randn(1, 200, dim).bfloat16() * 3, rope_tables((2, 10, 10), dim // heads)
+
+    def casts():
+        graph = torch.export.export(att, (x, cos, sin), strict=False).graph
+        return sum(n.target == torch.ops.aten.clamp.default for n in graph.nodes)
+
+    configure_fp8(att, "cpu", impl="scaled_mm")
+    assert att.shared_fp8_input
+    shared, shared_casts = att(x, cos, sin), casts()
+    att.shared_fp8_input = False
+    assert torch.equal(shared, att(x, cos, sin)) and (shared_casts, casts()) == (2, 4)
+    att.v.input_scale = torch.tensor(2.5 / 448)
+    configure_fp8(att, "cpu", impl="scaled_mm")
+    assert not att.shared_fp8_input
+
+
 def lightx2v_file(ckpt, cfg, path, corrupt=None):
     """A LightX2V-style FP8 DiT: same keys, E4M3 weights, `<key>_scale` [out, 1], no activation scales."""
     state, _ = read_state_dict(resolve(ckpt, cfg.files.dit), torch.float32)
