@@ -32,7 +32,10 @@ def special_values() -> torch.Tensor:
              480.1, 500.0, 1e4, 3e38, float("inf"), float("-inf"), float("nan")]  # fmt: skip
     v = torch.tensor(edges + [-e for e in edges[2:]], dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
-    rnd = torch.randn(1 << 26, generator=g) * torch.logspace(-6, 3, 1 << 26)[torch.randperm(1 << 26, generator=g)]
+    rnd = (
+        torch.randn(1 << 26, generator=g)
+        * torch.logspace(-6, 3, 1 << 26)[torch.randperm(1 << 26, generator=g)]
+    )
     return torch.cat([v, rnd]).cuda()
 
 

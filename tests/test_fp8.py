@@ -95,7 +95,9 @@ def test_fp8_checkpoint_loads_without_modelopt(tiny_ckpt, tiny_cfg, quantized):
     assert out.stdout.strip() == "FP8Linear"
 
 
-def test_modelopt_gives_q_k_and_v_one_input_scale_so_they_share_one_quantized_input(tiny_ckpt, tiny_cfg, quantized):
+def test_modelopt_gives_q_k_and_v_one_input_scale_so_they_share_one_quantized_input(
+    tiny_ckpt, tiny_cfg, quantized
+):
     fp8 = load_dit(tiny_ckpt, tiny_cfg, dtype=torch.bfloat16, dit_file="dit-fp8-test")
     for block in fp8.blocks:
         a = block.self_attn
