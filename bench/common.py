@@ -230,12 +230,10 @@ def fp8_cast_before():
     """The FP8 casts as compiled until 2026-11-29 (commit 005f17d): Inductor's clamp before every E4M3 cast, and
     q, k and v each quantizing the self-attention input. For benches that measure the change side by side."""
     from x2v.export import fp8
-    from x2v.export.dit import SelfAttention
 
-    saved = fp8.SATURATING_CAST, SelfAttention.project
-    fp8.SATURATING_CAST = False
-    SelfAttention.project = lambda self, x: (self.q(x), self.k(x), self.v(x))
+    saved = fp8.SATURATING_CAST, fp8.same_input_scale
+    fp8.SATURATING_CAST, fp8.same_input_scale = False, lambda linears: False
     try:
         yield
     finally:
-        fp8.SATURATING_CAST, SelfAttention.project = saved
+        fp8.SATURATING_CAST, fp8.same_input_scale = saved
