@@ -90,9 +90,10 @@ def sage_op_package(q, k, v, path: Path):
     return load_pt2(path)
 
 
-# The linear-and-elementwise part on its own: attention "none" replaces the self-attention kernel by a copy of q
-# (an opaque op of its own, so k and v and everything that produces them stay in the engine). The copy, 0.3 GB
-# read and written, stays in both bf16 and FP8 forwards.
+# The linear-and-elementwise part on its own: attention "none" replaces every attention kernel (self-attention,
+# and cross-attention to text and image tokens) by a copy of q, an opaque op of its own, so that k and v and
+# everything that produces them stay in the engine. A copy moves what an attention kernel must (q read, the
+# output written) and computes nothing; the copies stay in both the bf16 and the FP8 forwards.
 try:
     import triton
     import triton.language as tl
@@ -115,18 +116,14 @@ except ImportError:  # CPU installs without Triton never run this bench
 
 
 @contextlib.contextmanager
-def no_self_attention(on: bool):
+def no_attention(on: bool):
     from x2v.export import dit as dit_mod
 
     real = dit_mod.attention
-
-    def standin(q, k, v, impl="sdpa"):
-        if q.shape[1] != k.shape[1]:  # cross-attention (512 / 257 keys) runs as in the forward
-            return real(q, k, v, impl)
-        return torch.ops.x2v_bench.attention_standin(q, k, v).flatten(2)
-
     if on:
-        dit_mod.attention = standin
+        dit_mod.attention = lambda q, k, v, impl="sdpa": torch.ops.x2v_bench.attention_standin(
+            q, k, v
+        ).flatten(2)
     try:
         yield
     finally:
@@ -147,7 +144,7 @@ VARIANTS = {  # name: (FP8, attention, fast accumulation, GELU + FP8 cast in ffn
     # *-clamp: the casts as compiled until 2026-11-29 (bench.common.fp8_cast_before)
     "fp8-sdpa-fast-clamp": (True, "sdpa", True, False),
     "fp8-sage-fast-clamp": (True, "sage_op", True, False),
-    # the linear-and-elementwise part on its own (no_self_attention)
+    # the linear-and-elementwise part on its own (no_attention)
     "bf16-none": (False, "none", False, False),
     "fp8-none-fast": (True, "none", True, False),
     "fp8-none-fast-clamp": (True, "none", True, False),
@@ -160,7 +157,7 @@ def variant_context(name: str):
         stack.enter_context(before())
     if name.endswith("-clamp"):
         stack.enter_context(cast_before())
-    stack.enter_context(no_self_attention(VARIANTS[name][1] == "none"))
+    stack.enter_context(no_attention(VARIANTS[name][1] == "none"))
     return stack
 
 
