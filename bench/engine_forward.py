@@ -5,8 +5,9 @@
 Variants: bf16 + SDPA, FP8 + SDPA, FP8 + SageAttention, and the FP8 ones with fast accumulation in their
 GEMMs (`-fast`, GPU configs' `fp8_fast_accum`) and ffn.0's GELU + FP8 cast in its GEMM (`-gelu`,
 `fp8_gelu_epilogue`); `-clamp` the casts as compiled before 2026-11-29; `none` every attention call replaced by
-a copy (the linear-and-elementwise part on its own); `--variants` picks some. Each gets an AOTInductor `block` engine (weights as
-inputs, one engine for all 40 blocks); `pre` and `post` engines are shared (they hold no quantized layer).
+a copy (the linear-and-elementwise part on its own); `--variants` picks some. Each gets an AOTInductor `block`
+engine (weights as inputs, one engine for all 40 blocks); `pre` and `post` engines are shared (they hold no
+quantized layer).
 For each: one-forward time of eager torch and of the engines, parity of the block engine against the eager
 block of the same variant, and of the whole forward against the eager bf16 forward. The attention kernels
 are also timed alone (40 calls), so `forward - attention` gives the linear-and-elementwise part; a profiler
