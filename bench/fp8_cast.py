@@ -8,7 +8,7 @@
    ([32760, 13824] bf16), the block's first LayerNorm + modulation + cast for q, k and v ([32760, 5120]
    float32; three FP8 tensors as before, or one shared), each with and without the clamp, interleaved.
    A hand-written Triton GELU + cast, rounding GELU's output to bf16 as the eager module does, is timed beside
-   them (measured slower, 0.462 ms, and 1.6 % of its codes differ from Inductor's: bench/NOTES.md).
+   them (measured slower, 0.456-0.462 ms, and 1.6 % of its codes differ from Inductor's: bench/NOTES.md).
 """
 
 from __future__ import annotations
